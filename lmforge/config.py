@@ -1,0 +1,256 @@
+"""The recipe: one YAML file, validated here, that describes a whole build.
+
+Every field has a default and a description; the description is what `lmforge recipe --reference`
+prints and what README's recipe reference is generated from. Each stage receives only its own section.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmforge.errors import LmforgeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where documents come from and how they are cleaned and split."""
+
+    sources: list[str] = Field(
+        default_factory=lambda: ["stdlib"],
+        description="Files or folders to read (.txt, .md, .jsonl, .html, optionally .gz/.zst). "
+        "The special source `stdlib` is the Python standard library's own documentation.",
+    )
+    text_field: str = Field("text", description="Field holding the text in .jsonl records.")
+    min_chars: int = Field(64, ge=0, description="Documents shorter than this (after cleaning) are rejected as too short.")
+    max_doc_chars: int = Field(
+        20_000, ge=256, description="Long files are cut into documents at blank lines, each at most this many characters."
+    )
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of documents held out for validation, chosen by hash.")
+    shard_docs: int = Field(10_000, ge=1, description="Documents per output shard.")
+
+
+class TokenizerConfig(Section):
+    """The byte-level BPE tokenizer."""
+
+    vocab_size: int = Field(4096, ge=300, le=1 << 20, description="Vocabulary size, special tokens included.")
+    min_frequency: int = Field(2, ge=1, description="A pair must occur this often to be merged.")
+
+
+class ModelConfig(Section):
+    """Shape of the decoder-only transformer (Llama architecture)."""
+
+    n_layers: int = Field(4, ge=1, description="Number of transformer blocks.")
+    d_model: int = Field(256, ge=8, description="Width of the residual stream.")
+    n_heads: int = Field(4, ge=1, description="Attention heads (query heads).")
+    n_kv_heads: int | None = Field(None, ge=1, description="Key/value heads for grouped-query attention; default: n_heads.")
+    ffn_hidden: int | None = Field(None, ge=1, description="SwiGLU hidden width; default: 8/3 * d_model rounded up to a multiple of 64.")
+    context_length: int = Field(256, ge=8, description="Maximum sequence length in tokens.")
+    tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
+    rope_theta: float = Field(10_000.0, gt=0, description="RoPE base frequency.")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
+    init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal weight initialisation.")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head size d_model/n_heads ({self.d_model // self.n_heads}) must be even for rotary embeddings")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({kv})")
+        return self
+
+
+class TrainConfig(Section):
+    """The pretraining loop. Training stops at whichever bound (steps, tokens, minutes) comes first."""
+
+    max_steps: int | None = Field(2000, ge=1, description="Stop after this many optimizer steps.")
+    max_tokens: int | None = Field(None, ge=1, description="Stop after this many training tokens.")
+    max_minutes: float | None = Field(None, gt=0, description="Stop after this much training wall-clock time (evaluation excluded).")
+    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="cosine: warmup then cosine decay; wsd: warmup, stable, then linear decay; constant: warmup then flat."
+    )
+    warmup_steps: int = Field(50, ge=0, description="Linear warmup length in optimizer steps.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="For wsd: fraction of training spent decaying.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled (AdamW) weight decay.")
+    decay_norms_and_embeddings: bool = Field(
+        False, description="Also apply weight decay to norm gains and embeddings (by default only matrices decay)."
+    )
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this value (null: no clipping).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware runs it fast (CUDA with bf16, CPUs with AVX-512 bf16), else fp32."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    compile: bool = Field(False, description="Compile the model with torch.compile (falls back to eager if unavailable).")
+    threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: PyTorch's choice).")
+    seed: int = Field(1337, description="Seed for initialisation and data order.")
+    eval_interval: int = Field(200, ge=1, description="Validate every this many steps.")
+    eval_batches: int = Field(10, ge=1, description="Micro-batches used for each periodic validation.")
+    checkpoint_interval: int = Field(500, ge=1, description="Save a checkpoint every this many steps (and at the end).")
+    checkpoint_minutes: float | None = Field(
+        5.0, gt=0, description="Also save a checkpoint when this much time has passed since the last one."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many checkpoints.")
+    log_interval: int = Field(10, ge=1, description="Write a metrics line every this many steps.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "TrainConfig":
+        if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
+            raise ValueError("set at least one of max_steps, max_tokens or max_minutes")
+        return self
+
+
+class EvalConfig(Section):
+    """Evaluation after pretraining."""
+
+    max_batches: int | None = Field(None, ge=1, description="Limit validation to this many batches (default: the whole split).")
+    batch_size: int = Field(16, ge=1, description="Sequences per evaluation batch.")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["The json module", "def ", "Return the"],
+        description="Fixed prompts sampled into the report.",
+    )
+    max_new_tokens: int = Field(60, ge=1, description="Tokens generated per sample.")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature for the report's samples.")
+    top_k: int | None = Field(50, ge=1, description="Top-k for the report's samples.")
+    seed: int = Field(0, description="Sampling seed for the report's samples.")
+
+
+class Recipe(Section):
+    """A whole build: a name and one section per stage."""
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; artifacts go to <workdir>/<name>/.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+PACKAGED_RECIPES = ("default", "tiny")
+
+
+def _known_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    for key in path:
+        annotation = model.model_fields[key].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    messages = []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        where = ".".join(loc) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            known = _known_keys(Recipe, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            hint = f"; did you mean `{'.'.join(loc[:-1] + (close[0],))}`?" if close else f"; known keys: {', '.join(known)}"
+            messages.append(f"unknown key `{where}`{hint}")
+        else:
+            got = error.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            messages.append(f"`{where}`: {error['msg']}{got_text}")
+    return f"invalid recipe {source}: " + "; ".join(messages)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line override value the way YAML would (numbers, booleans, null, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """Set dotted keys (``train.max_steps``) in a raw recipe dict."""
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise LmforgeError(f"cannot set `{dotted}`: `{part}` is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_raw_recipe(spec: str | Path | None) -> tuple[dict, str]:
+    """Read a recipe given as a path or a packaged name; returns (raw dict, description of source)."""
+    if spec is None:
+        spec = "default"
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise LmforgeError(f"recipe file not found: {path}")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    elif str(spec) in PACKAGED_RECIPES:
+        text = importlib.resources.files("lmforge.recipes").joinpath(f"{spec}.yaml").read_text(encoding="utf-8")
+        source = f"(packaged recipe `{spec}`)"
+    else:
+        raise LmforgeError(f"no recipe file `{spec}` and no packaged recipe by that name (packaged: {', '.join(PACKAGED_RECIPES)})")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise LmforgeError(f"recipe {source} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise LmforgeError(f"recipe {source} must be a mapping of sections, got {type(raw).__name__}")
+    return raw, source
+
+
+def load_recipe(spec: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load, override and validate a recipe. Relative data sources resolve against the recipe's folder."""
+    raw, source = load_raw_recipe(spec)
+    if spec is not None and Path(spec).exists():
+        base = Path(spec).resolve().parent
+        sources = raw.get("data", {}).get("sources") if isinstance(raw.get("data"), dict) else None
+        if isinstance(sources, list):
+            raw["data"]["sources"] = [
+                s if not isinstance(s, str) or s == "stdlib" or s.startswith("stdlib:") or Path(s).is_absolute() else str(base / s)
+                for s in sources
+            ]
+    apply_overrides(raw, overrides or {})
+    return validate_recipe(raw, source)
+
+
+def validate_recipe(raw: dict, source: str = "") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise LmforgeError(_format_validation_error(exc, source)) from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def recipe_reference() -> str:
+    """Markdown reference of every recipe field, generated from the models above."""
+    lines = ["| key | default | description |", "| --- | --- | --- |"]
+    lines.append(f"| `name` | `default` | {Recipe.model_fields['name'].description} |")
+    for section_name, field in Recipe.model_fields.items():
+        if section_name == "name":
+            continue
+        section = field.annotation
+        for key, sub in section.model_fields.items():
+            default = sub.get_default(call_default_factory=True)
+            lines.append(f"| `{section_name}.{key}` | `{default!r}` | {sub.description} |".replace("`None`", "`null`"))
+    return "\n".join(lines)
