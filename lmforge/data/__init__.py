@@ -1,0 +1,1 @@
+"""Reading, cleaning, deduplicating and splitting documents; the stdlib-docs corpus."""
