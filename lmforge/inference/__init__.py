@@ -1,0 +1,1 @@
+"""Generation: KV cache and sampling."""

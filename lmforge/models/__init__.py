@@ -1,0 +1,1 @@
+"""Model families. The decoder is Llama-compatible and uses Hugging Face Llama parameter names."""

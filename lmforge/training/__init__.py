@@ -1,0 +1,1 @@
+"""The training loop and what it plugs together: batches, optimizer, schedule, checkpoints, metrics."""

@@ -1,0 +1,45 @@
+"""Shared fixtures: a real tiny run (stdlib pydoc topics through every stage), built once per session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lmforge import pipeline
+from lmforge.config import load_recipe
+
+
+def tiny_recipe(**overrides):
+    return load_recipe("tiny", overrides)
+
+
+@pytest.fixture(scope="session")
+def prepared_workdir(tmp_path_factory) -> Path:
+    """data, tokenizer and tokens of the tiny recipe (no training), built once."""
+    workdir = tmp_path_factory.mktemp("prepared")
+    recipe = tiny_recipe()
+    layout = pipeline.layout_for(recipe, workdir)
+    for stage in ("data", "tokenizer", "tokens"):
+        pipeline.RUNNERS[stage](recipe, layout, progress=False)
+    return workdir
+
+
+@pytest.fixture
+def prepared_run(prepared_workdir, tmp_path) -> Path:
+    """A private copy of the prepared tiny run folder, ready for `pretrain`."""
+    destination = tmp_path / "runs"
+    shutil.copytree(prepared_workdir, destination)
+    return destination
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, prepared_workdir) -> Path:
+    """The tiny recipe trained and evaluated (read-only for tests: copy before changing it)."""
+    workdir = tmp_path_factory.mktemp("trained")
+    shutil.copytree(prepared_workdir, workdir, dirs_exist_ok=True)
+    recipe = tiny_recipe()
+    layout = pipeline.layout_for(recipe, workdir)
+    pipeline.run_all(recipe, layout, progress=False)
+    return layout.root
