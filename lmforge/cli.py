@@ -1,0 +1,195 @@
+"""The `lmforge` command. Thin: parse arguments, call a stage, print where its artifact is."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lmforge.config import load_recipe, parse_value, recipe_reference, recipe_to_yaml
+from lmforge.errors import LmforgeError
+
+EPILOG = """Any recipe field can be overridden with --SECTION.KEY VALUE, e.g. --train.max_steps 200 --model.n_layers 6.
+Run `lmforge recipe --reference` to list every field."""
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict, str | None]:
+    """Take ``--section.key value`` / ``--section.key=value`` out of argv, before argparse can mistake a
+    value for a positional argument. Returns (remaining argv, overrides, error message or None)."""
+    remaining, overrides, index = [], {}, 0
+    while index < len(argv):
+        arg = argv[index]
+        name = arg.split("=", 1)[0]
+        if not (arg.startswith("--") and "." in name and len(name) > 3):
+            remaining.append(arg)
+            index += 1
+            continue
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if index + 1 >= len(argv):
+                return remaining, overrides, f"{arg} needs a value"
+            value, index = argv[index + 1], index + 1
+        overrides[key] = parse_value(value)
+        index += 1
+    return remaining, overrides, None
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", default=None, help="recipe YAML file or packaged recipe name (default: `default`)")
+    parser.add_argument("--workdir", default="runs", type=Path, help="where runs go: artifacts under WORKDIR/<name>/ (default: ./runs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Build your own language model: data -> tokenizer -> tokens -> pretrain -> eval, then generate and export.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="run every stage of a recipe, skipping finished ones", epilog=EPILOG,
+                         description="Run data, tokenizer, tokens, pretrain and eval; finished stages are skipped and "
+                                     "an interrupted pretrain resumes.")
+    _add_recipe_arguments(run)
+    run.add_argument("--fresh", action="store_true", help="rebuild every stage and train from scratch")
+
+    stage_help = {
+        "data": "read, clean, deduplicate and split documents",
+        "tokenizer": "train the byte-level BPE tokenizer on the train split",
+        "tokens": "encode the splits into train.bin / val.bin",
+        "pretrain": "train the model (resumes from the latest checkpoint)",
+    }
+    for name, text in stage_help.items():
+        stage = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", epilog=EPILOG)
+        _add_recipe_arguments(stage)
+        stage.add_argument("--force" if name != "pretrain" else "--fresh", dest="force", action="store_true",
+                           help="rebuild even if up to date" if name != "pretrain" else "discard checkpoints and train from scratch")
+
+    evaluate = sub.add_parser("eval", help="score a run: validation loss, perplexity, bits per byte; samples; report",
+                              description="Evaluate a run's latest checkpoint and write RUN/eval/report.{json,md}.")
+    evaluate.add_argument("run", type=Path, help="run folder (e.g. runs/default) or checkpoint folder")
+    evaluate.add_argument("--text", type=Path, action="append", default=[], metavar="FILE",
+                          help="also score this UTF-8 text file and add it to the report under its name (repeatable)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    generate = sub.add_parser("generate", help="sample text from a trained model, streamed to the terminal",
+                              description="Continue a prompt with a trained model.")
+    generate.add_argument("run", type=Path, help="run folder or checkpoint folder")
+    generate.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
+    generate.add_argument("--max-new-tokens", type=int, default=100)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy and deterministic")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--repetition-penalty", type=float, default=1.0)
+    generate.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    generate.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    generate.add_argument("--device", default="auto")
+
+    export = sub.add_parser("export", help="export a trained model to another format",
+                            description="Export a checkpoint. `hf`: a folder transformers loads with no custom code.")
+    export.add_argument("format", choices=["hf"], help="hf: Hugging Face transformers (LlamaForCausalLM)")
+    export.add_argument("run", type=Path, help="run folder or checkpoint folder")
+    export.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export/hf)")
+
+    recipe = sub.add_parser("recipe", help="print a resolved recipe, or the reference of every field")
+    recipe.add_argument("recipe", nargs="?", default=None, help="recipe file or packaged name (default: `default`)")
+    recipe.add_argument("--reference", action="store_true", help="print every recipe field with its default and meaning")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv, overrides, problem = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    if problem:
+        parser.error(problem)
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args, overrides, parser)
+    except LmforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `lmforge generate ... | head`
+        return 0
+
+
+def _dispatch(args, overrides: dict, parser: argparse.ArgumentParser) -> int:
+    from lmforge import pipeline
+
+    if overrides and args.command not in ("run", "recipe", *pipeline.STAGES[:-1]):
+        parser.error(f"`lmforge {args.command}` takes no recipe overrides (got --{next(iter(overrides))})")
+
+    if args.command == "recipe":
+        print(recipe_reference() if args.reference else recipe_to_yaml(load_recipe(args.recipe, overrides)), end="\n")
+        return 0
+    if args.command in ("run", *pipeline.STAGES[:-1]):
+        recipe = load_recipe(args.recipe, overrides)
+        layout = pipeline.layout_for(recipe, args.workdir)
+        progress = not args.quiet
+        if args.command == "run":
+            pipeline.run_all(recipe, layout, progress=progress, fresh=args.fresh)
+            _print_artifacts(layout)
+        else:
+            print(pipeline.RUNNERS[args.command](recipe, layout, progress=progress, force=args.force))
+        return 0
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "export":
+        from lmforge.interop.hf import export_hf
+
+        out = args.out or Path(args.run) / "export" / "hf"
+        print(f"exported to {export_hf(args.run, out)}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def _print_artifacts(layout) -> None:
+    print(f"\nDone. Artifacts of `{layout.root.name}`:")
+    for label, path in [("recipe", layout.recipe), ("documents", layout.data), ("tokenizer", layout.tokenizer),
+                        ("token shards", layout.tokens), ("checkpoints", layout.checkpoints), ("metrics and loss curve", layout.logs),
+                        ("evaluation report", layout.eval / "report.md")]:
+        print(f"  {label:<24} {path}")
+    print(f"\nTry: lmforge generate {layout.root} --prompt \"The json module\" --max-new-tokens 80")
+
+
+def _eval(args) -> int:
+    from lmforge.config import EvalConfig, load_recipe as _load
+    from lmforge.evaluation.report import evaluate_run
+
+    recipe_path = Path(args.run) / "recipe.yaml"
+    config = _load(recipe_path).eval if recipe_path.exists() else EvalConfig()
+    report = evaluate_run(args.run, config, texts=args.text, progress=not args.quiet, device=args.device)
+    if "val_loss" in report and not args.text:
+        print(f"validation loss {report['val_loss']:.4f}  perplexity {report['val_perplexity']:.2f}  "
+              f"bits/byte {report['val_bits_per_byte']:.4f}  (unigram baseline {report['unigram_val_bits_per_byte']:.4f})")
+    for path in args.text:
+        scores = report["texts"][Path(path).name]
+        print(f"{Path(path).name}: loss {scores['loss']:.4f}  perplexity {scores['perplexity']:.2f}  bits/byte {scores['bits_per_byte']:.4f}")
+    print(f"report: {Path(args.run) / 'eval' / 'report.md'}")
+    return 0
+
+
+def _generate(args) -> int:
+    from lmforge.evaluation.report import load_for_inference
+    from lmforge.inference.generate import SamplingParams, generate
+
+    model, tokenizer, _ = load_for_inference(args.run, args.device)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+    sys.stdout.write(args.prompt)
+    for piece in generate(model, tokenizer, args.prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

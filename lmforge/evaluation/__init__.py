@@ -1,0 +1,1 @@
+"""Evaluation: loss, perplexity and bits per byte; samples; the run's report."""

@@ -1,0 +1,79 @@
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from lmforge.config import EvalConfig
+from lmforge.evaluation.intrinsic import score_text, unigram_bits_per_byte
+from lmforge.evaluation.report import evaluate_run, load_for_inference
+from lmforge.tokenizer.shards import load_tokens, read_token_meta
+
+
+def reference_nats(model, ids: np.ndarray, bos_id: int) -> tuple[float, int]:
+    """Independent reference: one window at a time, log-softmax by hand."""
+    context = model.config.context_length
+    nats, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, context):
+            window = torch.tensor(np.asarray(ids[start : start + context + 1], dtype=np.int64))
+            log_probs = torch.log_softmax(model(window[None, :-1])[0].double(), dim=-1)
+            for position, target in enumerate(window[1:].tolist()):
+                if target != bos_id:
+                    nats -= float(log_probs[position, target])
+                    count += 1
+    return nats, count
+
+
+def test_report_scores_equal_an_independent_computation(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    report = evaluate_run(run, EvalConfig(max_batches=None, prompts=["The"], max_new_tokens=5), progress=False, device="cpu")
+    for key in ("val_loss", "val_perplexity", "val_bits_per_byte", "tokens_seen", "parameters", "samples"):
+        assert key in report
+    model, _, _ = load_for_inference(run, device="cpu")
+    meta = read_token_meta(run / "tokens")
+    nats, count = reference_nats(model, load_tokens(run / "tokens", "val"), meta["bos_id"])
+    assert report["val_tokens_scored"] == count
+    assert math.isclose(report["val_loss"], nats / count, rel_tol=1e-5)
+    assert math.isclose(report["val_perplexity"], math.exp(nats / count), rel_tol=1e-5)
+    assert math.isclose(report["val_bits_per_byte"], nats / math.log(2) / meta["splits"]["val"]["bytes"], rel_tol=1e-5)
+    assert "Held-out split" in (run / "eval" / "report.md").read_text()
+
+
+def test_text_file_scores_are_added_to_the_report(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    text = "Return a string containing a printable representation of an object. ✓\n" * 20
+    notes = tmp_path / "notes.txt"
+    notes.write_text(text, encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", str(run), "--text", str(notes), "--quiet"],
+                            capture_output=True, text=True, check=True)
+    assert "notes.txt: loss" in result.stdout
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert "val_loss" in report  # the earlier held-out scores are kept
+    scores = report["texts"]["notes.txt"]
+    model, tokenizer, _ = load_for_inference(run, device="cpu")
+    ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id])
+    nats, count = reference_nats(model, ids, tokenizer.bos_id)
+    assert scores["tokens"] == count == len(ids) - 1
+    assert math.isclose(scores["bits_per_byte"], nats / math.log(2) / len(text.encode()), rel_tol=1e-5)
+    assert math.isclose(score_text(model, tokenizer, text).loss, nats / count, rel_tol=1e-5)
+
+
+def test_unigram_baseline_by_hand():
+    train = np.array([0, 3, 3, 4, 1, 0, 3, 1])  # bos=0, eos=1
+    val = np.array([0, 3, 4, 1])
+    # train counts per id 0..4 are 2, 2, 0, 3, 1; add one to each, then drop BOS (never a target): 0, 3, 1, 4, 2 of 10
+    probabilities = np.array([0, 3, 1, 4, 2]) / 10
+    expected_bits = -(np.log2(probabilities[3]) + np.log2(probabilities[4]) + np.log2(probabilities[1]))
+    assert math.isclose(unigram_bits_per_byte(train, val, 5, 0, val_bytes=4), expected_bits / 4)
+
+
+def test_eval_of_a_missing_text_file_is_a_clear_error(trained_run, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", str(trained_run), "--text", str(tmp_path / "nope.txt")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "text file not found" in result.stderr and "Traceback" not in result.stderr
