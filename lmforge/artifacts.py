@@ -19,6 +19,8 @@ from typing import Any
 from lmforge.errors import LmforgeError
 
 MANIFEST_NAME = "manifest.json"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 FORMAT_VERSION = 1
 
 
@@ -28,6 +30,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates owner-only files; artifacts get the permissions any new file would.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
