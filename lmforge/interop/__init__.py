@@ -1,0 +1,1 @@
+"""Exchange with other ecosystems: export to Hugging Face ``transformers``."""
