@@ -80,7 +80,8 @@ def _held_out_scores(model, tokens_dir: Path, config: EvalConfig, dtype, progres
     meta = read_token_meta(tokens_dir)
     val = load_tokens(tokens_dir, "val")
     context = model.config.context_length
-    total_batches = math.ceil(math.ceil((len(val) - 1) / context) / config.batch_size)
+    full_windows, tail = divmod(len(val) - 1, context)
+    total_batches = math.ceil(full_windows / config.batch_size) + (tail > 0)  # the partial last window is its own batch
     if config.max_batches:
         total_batches = min(total_batches, config.max_batches)
     with tqdm(total=total_batches, desc="eval", disable=not progress, file=sys.stderr) as bar:
