@@ -160,11 +160,12 @@ def _print_artifacts(layout) -> None:
 
 
 def _eval(args) -> int:
-    from lmforge.config import EvalConfig, load_recipe as _load
+    from lmforge.config import EvalConfig
     from lmforge.evaluation.report import evaluate_run
 
+    # A run folder carries its resolved recipe; a bare checkpoint folder gets the default eval settings.
     recipe_path = Path(args.run) / "recipe.yaml"
-    config = _load(recipe_path).eval if recipe_path.exists() else EvalConfig()
+    config = load_recipe(recipe_path).eval if recipe_path.exists() else EvalConfig()
     report = evaluate_run(args.run, config, texts=args.text, progress=not args.quiet, device=args.device)
     if "val_loss" in report and not args.text:
         print(f"validation loss {report['val_loss']:.4f}  perplexity {report['val_perplexity']:.2f}  "
