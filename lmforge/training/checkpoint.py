@@ -115,9 +115,30 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / COMMIT_MARKER).exists())
 
 
+# Folders this process has hashed, with the (size, mtime) of each file then: finding a checkpoint and
+# loading it both verify, and re-hashing unchanged files would read every weight twice.
+_verified: dict[Path, tuple[dict, tuple]] = {}
+
+
+def _file_stamps(folder: Path, manifest: dict) -> tuple:
+    stamps = []
+    for relative in sorted(manifest["files"]) + [COMMIT_MARKER]:
+        stat = (folder / relative).stat()
+        stamps.append((relative, stat.st_size, stat.st_mtime_ns))
+    return tuple(stamps)
+
+
 def verify_checkpoint(folder: Path) -> dict:
     """Check the commit marker and every file's hash; return the manifest or raise naming the bad file."""
     folder = Path(folder)
+    cached = _verified.get(folder.resolve())
+    if cached is not None:
+        manifest, stamps = cached
+        try:
+            if _file_stamps(folder, manifest) == stamps:
+                return manifest
+        except OSError:
+            pass  # a file vanished: the full check below names it
     marker = folder / COMMIT_MARKER
     if not marker.exists():
         raise LmforgeError(f"checkpoint {folder} is incomplete: no {COMMIT_MARKER} (it was interrupted while being written)")
@@ -132,6 +153,7 @@ def verify_checkpoint(folder: Path) -> dict:
             raise LmforgeError(f"checkpoint file missing: {path}")
         if file_sha256(path) != expected:
             raise LmforgeError(f"checkpoint file corrupted (SHA-256 mismatch): {path}")
+    _verified[folder.resolve()] = (manifest, _file_stamps(folder, manifest))
     return manifest
 
 
