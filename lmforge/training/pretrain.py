@@ -81,7 +81,12 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def pretrain(recipe: Recipe, layout: RunLayout, progress: bool = True, fresh: bool = False) -> PretrainResult:
+def pretrain(recipe: Recipe, layout: RunLayout, progress: bool = True, fresh: bool = False, on_eval=None) -> PretrainResult:
+    """Train ``recipe`` into ``layout.checkpoints``, resuming from the newest valid checkpoint.
+
+    ``on_eval(step, val_loss)`` is called after every validation (e.g. to report to a hyperparameter
+    search); an exception it raises stops training and propagates.
+    """
     config = recipe.train
     tokens_manifest = read_manifest(layout.tokens, "tokens")
     meta = read_token_meta(layout.tokens)
@@ -177,6 +182,8 @@ def pretrain(recipe: Recipe, layout: RunLayout, progress: bool = True, fresh: bo
             if state["step"] % config.eval_interval == 0:
                 state["val_loss"] = validate()
                 metrics.write({"step": state["step"], "val_loss": state["val_loss"], "tokens_seen": state["tokens_seen"]})
+                if on_eval is not None:
+                    on_eval(state["step"], state["val_loss"])
             bar.set_postfix_str(f"step {state['step']} loss {step_loss:.3f} lr {lr:.2e} {tokens_per_step / elapsed:,.0f} tok/s")
             bar.update(min(100, round(100 * budget_progress(config, state))) - bar.n)
 
