@@ -52,12 +52,18 @@ class ModelConfig(Section):
     d_model: int = Field(256, ge=8, description="Width of the residual stream.")
     n_heads: int = Field(4, ge=1, description="Attention heads (query heads).")
     n_kv_heads: int | None = Field(None, ge=1, description="Key/value heads for grouped-query attention; default: n_heads.")
-    ffn_hidden: int | None = Field(None, ge=1, description="SwiGLU hidden width; default: 8/3 * d_model rounded up to a multiple of 64.")
+    ffn_hidden: int | None = Field(
+        None, ge=1, description="MLP hidden width; default: 8/3 * d_model (swiglu) or 4 * d_model (relu2), rounded up to a multiple of 64."
+    )
     context_length: int = Field(256, ge=8, description="Maximum sequence length in tokens.")
     tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
     rope_theta: float = Field(10_000.0, gt=0, description="RoPE base frequency.")
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
     init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal weight initialisation.")
+    qk_norm: bool = Field(False, description="RMS-normalise each head's queries and keys (not exportable to Llama; Qwen3 has it).")
+    mlp: Literal["swiglu", "relu2"] = Field(
+        "swiglu", description="swiglu: Llama's gated MLP; relu2: squared-ReLU two-matrix MLP (not exportable to Llama)."
+    )
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelConfig":
@@ -77,7 +83,7 @@ class TrainConfig(Section):
     max_steps: int | None = Field(2000, ge=1, description="Stop after this many optimizer steps.")
     max_tokens: int | None = Field(None, ge=1, description="Stop after this many training tokens.")
     max_minutes: float | None = Field(None, gt=0, description="Stop after this much training wall-clock time (evaluation excluded).")
-    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch.")
+    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch, in total over all processes (each of N ranks takes 1/N).")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
@@ -86,6 +92,10 @@ class TrainConfig(Section):
     )
     warmup_steps: int = Field(50, ge=0, description="Linear warmup length in optimizer steps.")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="For wsd: fraction of training spent decaying.")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw; or muon: orthogonalised momentum for the blocks' matrices, AdamW for embeddings, head and norms."
+    )
+    muon_learning_rate: float = Field(0.02, gt=0, description="For muon: peak learning rate of the orthogonalised updates.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled (AdamW) weight decay.")
     decay_norms_and_embeddings: bool = Field(
         False, description="Also apply weight decay to norm gains and embeddings (by default only matrices decay)."
@@ -99,6 +109,11 @@ class TrainConfig(Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     compile: bool = Field(False, description="Compile the model with torch.compile (falls back to eager if unavailable).")
     threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: PyTorch's choice).")
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="Under torchrun: ddp replicates the model on each rank; fsdp shards parameters, gradients and "
+        "optimizer state (FSDP2); auto: ddp. Ignored on one process."
+    )
+    activation_checkpointing: bool = Field(False, description="Recompute each block's activations in backward: less memory, ~1/3 more compute.")
     seed: int = Field(1337, description="Seed for initialisation and data order.")
     eval_interval: int = Field(200, ge=1, description="Validate every this many steps.")
     eval_batches: int = Field(10, ge=1, description="Micro-batches used for each periodic validation.")
@@ -106,7 +121,17 @@ class TrainConfig(Section):
     checkpoint_minutes: float | None = Field(
         5.0, gt=0, description="Also save a checkpoint when this much time has passed since the last one."
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many checkpoints (the best one is kept as well).")
+    keep_best_checkpoint: bool = Field(True, description="Save a checkpoint whenever validation loss improves and never prune it.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop when validation loss has not improved for this many evaluations (null: never stop early)."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="An improvement smaller than this does not count for early stopping.")
+    max_bad_steps: int = Field(5, ge=1, description="Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
+    spike_sigma: float = Field(6.0, gt=0, description="Log a loss or gradient-norm spike when it exceeds the recent mean by this many standard deviations.")
+    spike_window: int = Field(128, ge=8, description="Steps of history behind the spike statistics.")
+    skip_spikes: bool = Field(False, description="Skip the update of a spiking step instead of only logging it.")
+    log_sample_ids: bool = Field(False, description="Record the ids of the training windows each step consumes in metrics.jsonl (for audits).")
     log_interval: int = Field(10, ge=1, description="Write a metrics line every this many steps.")
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -32,6 +33,8 @@ class DecoderConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    qk_norm: bool = False
+    mlp: str = "swiglu"
 
     @property
     def head_dim(self) -> int:
@@ -43,8 +46,9 @@ class DecoderConfig:
         values = model_section.model_dump()
         values["n_kv_heads"] = values["n_kv_heads"] or values["n_heads"]
         if values["ffn_hidden"] is None:
-            # SwiGLU has three matrices, so 8/3 * d keeps the MLP's parameters equal to a 4*d GELU MLP.
-            values["ffn_hidden"] = 64 * math.ceil(8 * values["d_model"] / 3 / 64)
+            # SwiGLU has three matrices, so 8/3 * d keeps the MLP's parameters equal to a 4*d two-matrix MLP.
+            width = 8 * values["d_model"] / 3 if values["mlp"] == "swiglu" else 4 * values["d_model"]
+            values["ffn_hidden"] = 64 * math.ceil(width / 64)
         return cls(vocab_size=vocab_size, **values)
 
     def to_dict(self) -> dict:
@@ -95,12 +99,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+        if config.qk_norm:
+            # Normalising each head's queries and keys bounds the attention logits, which lets higher
+            # learning rates train stably (names as in Qwen3, which has the same layers).
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         offset = 0
@@ -126,14 +138,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU (Llama) or squared ReLU (Primer; two matrices, cheaper per parameter)."""
+
     def __init__(self, config: DecoderConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.gated = config.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.relu(self.up_proj(x)).square())
 
 
 class Block(nn.Module):
@@ -168,11 +186,12 @@ class Decoder(nn.Module):
         cos, sin = rotary_tables(config.head_dim, config.context_length, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # a training switch, not part of the architecture
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for name, param in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            if name.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")) or name == "model.norm.weight":
                 nn.init.ones_(param)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 # Residual outputs scaled by depth (GPT-2), so the residual stream's variance does not grow with layers.
@@ -180,7 +199,11 @@ class Decoder(nn.Module):
             else:
                 nn.init.normal_(param, std=self.config.init_std)
 
-    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache=None, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits, or with ``targets`` the next-token cross-entropy (targets equal to -100 are ignored).
+
+        Training calls the module with targets so that wrappers hooking ``__call__`` (DDP, FSDP2) see it.
+        """
         length = input_ids.shape[1]
         offset = cache.offset if cache is not None else 0
         if offset + length > self.config.context_length:
@@ -188,16 +211,23 @@ class Decoder(nn.Module):
         cos = self.rope_cos[offset : offset + length]
         sin = self.rope_sin[offset : offset + length]
         x = self.model.embed_tokens(input_ids)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
-            x = block(x, cos, sin, cache)
+            if recompute:
+                # Keep only each block's input; its activations are recomputed in backward (~1/3 more compute).
+                x = checkpoint(block, x, cos, sin, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
         if cache is not None:
             cache.advance(length)
-        return self.lm_head(self.model.norm(x))
+        logits = self.lm_head(self.model.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of next-token prediction; targets equal to -100 are ignored."""
-        logits = self.forward(input_ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
+        return self(input_ids, targets=targets, reduction=reduction)
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())  # tied weights are counted once

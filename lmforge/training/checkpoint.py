@@ -17,16 +17,18 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file, save_model
-from safetensors.torch import load_model as load_weights_into
+from safetensors.torch import load_file, save_file
 
 from lmforge.artifacts import atomic_write_json, file_sha256, read_json
 from lmforge.errors import LmforgeError
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.training.distributed import Ranks
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: optimizer state keyed by parameter name (1: by index)
+READABLE_FORMATS = (1, 2)  # weights of format 1 still load for eval and export
 COMMIT_MARKER = "manifest.json"
 LATEST_POINTER = "latest.json"
+BEST_POINTER = "best.json"
 
 
 def checkpoint_name(step: int) -> str:
@@ -40,21 +42,42 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    state = optimizer.state_dict()
+def _gather_state(model: Decoder, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+    """Full (unsharded) model and optimizer state, keyed by parameter name, on rank 0's CPU.
+
+    torch.distributed.checkpoint's state-dict API gives the same names and full tensors whether the
+    model is plain, DDP-replicated or FSDP2-sharded, so a checkpoint resumes on any number of ranks.
+    Every rank must call this (it gathers shards); ranks other than 0 get empty dicts.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), None
+    return get_state_dict(model, optimizer, options=options)
+
+
+def _optimizer_tensors(optimizer_state: dict) -> dict[str, torch.Tensor]:
     tensors = {}
-    for index, per_param in state["state"].items():
+    for name, per_param in optimizer_state["state"].items():
         for key, value in per_param.items():
-            tensors[f"state.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return tensors, state["param_groups"]
+            tensors[f"state.{name}.{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).contiguous()
+    return tensors
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], param_groups: list[dict]) -> None:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+def _optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list[dict]) -> dict:
+    state: dict[str, dict] = {}
+    for flat, value in tensors.items():
+        name, key = flat.removeprefix("state.").rsplit(".", 1)
+        state.setdefault(name, {})[key] = value
+    return {"state": state, "param_groups": param_groups}
+
+
+def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
 
 
 def save_checkpoint(
@@ -65,28 +88,62 @@ def save_checkpoint(
     trainer_state: dict,
     tokenizer_dir: Path,
     keep: int,
+    ranks: Ranks | None = None,
 ) -> Path:
-    """Write and commit ``root/step_N``; then prune to the newest ``keep`` committed checkpoints."""
+    """Write and commit ``root/step_N``; then prune to the newest ``keep`` committed checkpoints.
+
+    Collective under torchrun: every rank calls it, rank 0 writes. A failure (disk full, a non-finite
+    tensor) removes the partial folder and raises on every rank; the previous checkpoints stay intact.
+    """
+    ranks = ranks or Ranks()
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    staging = root / f".{checkpoint_name(step)}.tmp-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    save_model(model, str(staging / "model.safetensors"))
-    atomic_write_json(staging / "config.json", {"format_version": CHECKPOINT_FORMAT, "architecture": "decoder", "model": model.config.to_dict()})
-    shutil.copytree(tokenizer_dir, staging / "tokenizer")
-    if optimizer is not None:
-        tensors, param_groups = _optimizer_tensors(optimizer)
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(staging / "optimizer.safetensors"))
-        trainer_state = {**trainer_state, "optimizer_param_groups": param_groups}
-    state = {**trainer_state, "step": step, "torch_rng_state": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    atomic_write_json(staging / "trainer_state.json", state)
-    _fsync_tree(staging)
-    files = {str(p.relative_to(staging)): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-    atomic_write_json(staging / COMMIT_MARKER, {"format_version": CHECKPOINT_FORMAT, "stage": "checkpoint", "step": step, "files": files,
-                                                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    weights, optimizer_state = _gather_state(model, optimizer)
+    problem = None
+    if ranks.is_main:
+        try:
+            _write_checkpoint(root, final, step, model.config, weights, optimizer_state, trainer_state, tokenizer_dir, keep)
+        except LmforgeError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            previous = list_checkpoints(root)
+            kept = f"; the previous checkpoint {previous[-1].name} is intact" if previous else ""
+            problem = f"could not save checkpoint {final.name}: {exc.strerror or exc}{kept}"
+    problem = ranks.broadcast(problem)
+    if problem:
+        raise LmforgeError(problem)
+    return final
+
+
+def _write_checkpoint(root, final, step, model_config, weights, optimizer_state, trainer_state, tokenizer_dir, keep) -> None:
+    if model_config.tie_embeddings:
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}  # stored once, as the embedding
+    optimizer_tensors = _optimizer_tensors(optimizer_state) if optimizer_state is not None else {}
+    bad = _first_non_finite(weights) or _first_non_finite(optimizer_tensors)
+    if bad:
+        raise LmforgeError(f"refusing to save checkpoint {final.name}: `{bad}` holds NaN or Inf")
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(staging / "model.safetensors"))
+        atomic_write_json(staging / "config.json", {"format_version": CHECKPOINT_FORMAT, "architecture": "decoder", "model": model_config.to_dict()})
+        shutil.copytree(tokenizer_dir, staging / "tokenizer")
+        state = {**trainer_state, "step": step}
+        if optimizer_state is not None:
+            save_file(optimizer_tensors, str(staging / "optimizer.safetensors"))
+            state["optimizer_param_groups"] = optimizer_state["param_groups"]
+        state["torch_rng_state"] = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+        atomic_write_json(staging / "trainer_state.json", state)
+        _fsync_tree(staging)
+        files = {str(p.relative_to(staging)): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+        atomic_write_json(staging / COMMIT_MARKER, {"format_version": CHECKPOINT_FORMAT, "stage": "checkpoint", "step": step, "files": files,
+                                                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # never leave a half-written folder behind
+        raise
     if final.exists():  # re-saving a step: move the old copy aside so a crash here never leaves neither
         replaced = root / f".{final.name}.old-{os.getpid()}"
         os.replace(final, replaced)
@@ -96,13 +153,27 @@ def save_checkpoint(
         os.replace(staging, final)
     atomic_write_json(root / LATEST_POINTER, {"step": step, "path": final.name})
     _prune(root, keep)
-    return final
+
+
+def mark_best(root: Path, checkpoint: Path, val_loss: float) -> None:
+    """Point ``best.json`` at ``checkpoint``; pruning never removes the folder it names."""
+    atomic_write_json(Path(root) / BEST_POINTER, {"path": Path(checkpoint).name, "val_loss": val_loss})
+
+
+def best_checkpoint(root: Path) -> Path | None:
+    pointer = Path(root) / BEST_POINTER
+    if not pointer.exists():
+        return None
+    path = Path(root) / read_json(pointer, what="best-checkpoint pointer").get("path", "")
+    return path if path.is_dir() else None
 
 
 def _prune(root: Path, keep: int) -> None:
     committed = list_checkpoints(root)
+    best = best_checkpoint(root)
     for old in committed[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if best is None or old.name != best.name:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in [*root.glob(".step_*.tmp-*"), *root.glob(".step_*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -145,8 +216,8 @@ def verify_checkpoint(folder: Path) -> dict:
     manifest = read_json(marker, what="checkpoint manifest")
     if manifest.get("stage") != "checkpoint" or "files" not in manifest:
         raise LmforgeError(f"{marker} is not a checkpoint manifest")
-    if manifest.get("format_version") != CHECKPOINT_FORMAT:
-        raise LmforgeError(f"checkpoint {folder} has format {manifest.get('format_version')}, this lmforge reads {CHECKPOINT_FORMAT}")
+    if manifest.get("format_version") not in READABLE_FORMATS:
+        raise LmforgeError(f"checkpoint {folder} has format {manifest.get('format_version')}, this lmforge reads {READABLE_FORMATS}")
     for relative, expected in manifest["files"].items():
         path = folder / relative
         if not path.is_file():
@@ -207,26 +278,56 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> Decoder:
     folder = Path(folder)
     verify_checkpoint(folder)
     model = Decoder(read_model_config(folder))
-    missing, unexpected = load_weights_into(model, str(folder / "model.safetensors"), strict=False)
+    weights = load_file(str(folder / "model.safetensors"))
+    if model.config.tie_embeddings:  # one tensor stored under either name
+        shared = weights.get("model.embed_tokens.weight", weights.get("lm_head.weight"))
+        if shared is not None:
+            weights["model.embed_tokens.weight"] = weights["lm_head.weight"] = shared
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise LmforgeError(f"{folder}/model.safetensors does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device)
 
 
-def load_training_state(folder: Path, model: Decoder, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights, optimizer and RNG from a verified checkpoint; return the trainer state."""
-    folder = Path(folder)
-    verify_checkpoint(folder)
+def load_training_state(folder: Path | None, model: Decoder, optimizer: torch.optim.Optimizer, ranks: Ranks | None = None) -> dict:
+    """Restore weights, optimizer and RNG from a checkpoint; return the trainer state.
+
+    Collective under torchrun: rank 0 verifies and reads ``folder`` (other ranks may pass None) and
+    the full state is broadcast and resharded onto however many ranks this run has.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    ranks = ranks or Ranks()
+    weights, optimizer_state, state, problem = {}, {}, None, None
+    if ranks.is_main:
+        try:
+            weights, optimizer_state, state = _read_training_state(Path(folder), model)
+        except LmforgeError as exc:
+            problem = str(exc)
+    problem = ranks.broadcast(problem)
+    if problem:
+        raise LmforgeError(problem)
+    state = ranks.broadcast(state)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=ranks.distributed, strict=True)
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state, options=options)
+    rng = base64.b64decode(state.pop("torch_rng_state"))
+    torch.set_rng_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))
+    return state
+
+
+def _read_training_state(folder: Path, model: Decoder) -> tuple[dict, dict, dict]:
+    manifest = verify_checkpoint(folder)
+    if manifest.get("format_version") != CHECKPOINT_FORMAT:
+        raise LmforgeError(f"checkpoint {folder} was written by an older lmforge (format {manifest.get('format_version')}); "
+                           "it can be evaluated and exported but not resumed: train with --fresh")
     saved = read_model_config(folder)
     if saved != model.config:
         differences = {k: (v, getattr(model.config, k)) for k, v in saved.to_dict().items() if getattr(model.config, k) != v}
         detail = ", ".join(f"{k}: checkpoint {a} vs recipe {b}" for k, (a, b) in differences.items())
         raise LmforgeError(f"checkpoint {folder} was trained with a different model config ({detail}); use a new run name or --fresh")
-    device = next(model.parameters()).device
-    load_weights_into(model, str(folder / "model.safetensors"), strict=True, device=str(device))
+    weights = load_file(str(folder / "model.safetensors"))
+    if saved.tie_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     state = read_json(folder / "trainer_state.json", what="trainer state")
-    tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))
-    _restore_optimizer(optimizer, tensors, state.pop("optimizer_param_groups"))
-    rng = base64.b64decode(state.pop("torch_rng_state"))
-    torch.set_rng_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))
-    return state
+    optimizer_state = _optimizer_state(load_file(str(folder / "optimizer.safetensors")), state.pop("optimizer_param_groups"))
+    return weights, optimizer_state, state

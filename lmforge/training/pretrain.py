@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import signal
+from collections import deque
 import shutil
 import sys
 import time
@@ -25,12 +26,13 @@ from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.tokenizer.shards import load_tokens, read_token_meta
 from lmforge.evaluation.intrinsic import total_nats
 from lmforge.training.batches import TrainBatches
-from lmforge.training.checkpoint import latest_valid_checkpoint, load_training_state, save_checkpoint
+from lmforge.training.checkpoint import latest_valid_checkpoint, load_training_state, mark_best, save_checkpoint
 from lmforge.training.device import autocast, resolve_device, resolve_precision
+from lmforge.training.distributed import Ranks, close_ranks, gradient_norm, init_ranks, no_sync, resolve_strategy, wrap_model
+from lmforge.training.flops import peak_flops
 from lmforge.training.metrics import MetricsLog, plot_loss_curve
-from lmforge.training.optim import build_optimizer, learning_rate
+from lmforge.training.optim import build_optimizer, learning_rate, set_learning_rate
 
-MAX_CONSECUTIVE_BAD_STEPS = 5
 
 
 @dataclass
@@ -85,150 +87,280 @@ def pretrain(recipe: Recipe, layout: RunLayout, progress: bool = True, fresh: bo
     """Train ``recipe`` into ``layout.checkpoints``, resuming from the newest valid checkpoint.
 
     ``on_eval(step, val_loss)`` is called after every validation (e.g. to report to a hyperparameter
-    search); an exception it raises stops training and propagates.
+    search); an exception it raises stops training and propagates. Under ``torchrun`` every rank
+    calls this and rank 0 alone writes files.
     """
-    config = recipe.train
-    tokens_manifest = read_manifest(layout.tokens, "tokens")
-    meta = read_token_meta(layout.tokens)
-    model_config = DecoderConfig.from_recipe(recipe.model, meta["vocab_size"])
-    section = {"model": recipe.model.model_dump(mode="json"), "train": config.model_dump(mode="json")}
-    inputs = {"tokens": tokens_manifest["fingerprint"]}
-    if fresh:
-        shutil.rmtree(layout.checkpoints, ignore_errors=True)
-        (layout.logs / "metrics.jsonl").unlink(missing_ok=True)
-    elif is_up_to_date(layout.checkpoints, "pretrain", section, inputs):
-        manifest = read_manifest(layout.checkpoints, "pretrain")
-        stats = manifest["stats"]
-        return PretrainResult(layout.checkpoints / stats["checkpoint"], stats["step"], stats["tokens_seen"],
-                              stats.get("final_loss"), stats.get("val_loss"), skipped=True)
-    (layout.checkpoints / "manifest.json").unlink(missing_ok=True)  # training again: the old "done" no longer holds
+    ranks, device_name = init_ranks(recipe.train.device)
+    try:
+        return _Trainer(recipe, layout, ranks, device_name, progress, on_eval).run(fresh)
+    finally:
+        close_ranks(ranks)
 
-    device = resolve_device(config.device)
-    dtype = resolve_precision(config.precision, device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    model = Decoder(model_config).to(device)
-    optimizer = build_optimizer(model, config, device)
-    train_tokens, val_tokens = load_tokens(layout.tokens, "train"), load_tokens(layout.tokens, "val")
-    context = model_config.context_length
-    batches = TrainBatches(train_tokens, context, config.seed)
-    metrics = MetricsLog(layout.logs / "metrics.jsonl")
 
-    state = {"step": 0, "samples_seen": 0, "tokens_seen": 0, "elapsed_seconds": 0.0, "val_loss": None,
-             "tokens_fingerprint": inputs["tokens"], "skipped_steps": 0}
-    resume_from = latest_valid_checkpoint(layout.checkpoints)
-    if resume_from is not None:
-        state = load_training_state(resume_from, model, optimizer)
-        if state.get("tokens_fingerprint") != inputs["tokens"]:
-            raise LmforgeError(f"checkpoint {resume_from} was trained on different token shards; use a new run name or --fresh")
-        metrics.truncate_after(state["step"])
-        print(f"resuming from {resume_from} (step {state['step']})", file=sys.stderr)
+class _Trainer:
+    def __init__(self, recipe: Recipe, layout: RunLayout, ranks: Ranks, device_name: str, progress: bool, on_eval):
+        self.recipe, self.layout, self.ranks, self.on_eval = recipe, layout, ranks, on_eval
+        self.config = recipe.train
+        self.progress = progress and ranks.is_main
+        self.device_name = device_name
 
-    step_fn = model.loss
-    if config.compile:
-        step_fn = _try_compile(model)
+    def run(self, fresh: bool) -> PretrainResult:
+        recipe, layout, ranks, config = self.recipe, self.layout, self.ranks, self.config
+        tokens_manifest = read_manifest(layout.tokens, "tokens")
+        self.meta = meta = read_token_meta(layout.tokens)
+        model_config = DecoderConfig.from_recipe(recipe.model, meta["vocab_size"])
+        self.section = {"model": recipe.model.model_dump(mode="json"), "train": config.model_dump(mode="json")}
+        self.inputs = {"tokens": tokens_manifest["fingerprint"]}
 
-    def save() -> Path:
-        return save_checkpoint(layout.checkpoints, state["step"], model, optimizer, state, layout.tokenizer, config.keep_checkpoints)
+        finished = None
+        if ranks.is_main:
+            if fresh:
+                shutil.rmtree(layout.checkpoints, ignore_errors=True)
+                (layout.logs / "metrics.jsonl").unlink(missing_ok=True)
+                shutil.rmtree(layout.logs / "tensorboard", ignore_errors=True)
+            elif is_up_to_date(layout.checkpoints, "pretrain", self.section, self.inputs):
+                finished = read_manifest(layout.checkpoints, "pretrain")["stats"]
+            else:
+                (layout.checkpoints / "manifest.json").unlink(missing_ok=True)  # training again: the old "done" no longer holds
+        finished = ranks.broadcast(finished)
+        if finished is not None:
+            return PretrainResult(layout.checkpoints / finished["checkpoint"], finished["step"], finished["tokens_seen"],
+                                  finished.get("final_loss"), finished.get("val_loss"), skipped=True)
 
-    def validate() -> float:
-        nats, count = total_nats(model, val_tokens, config.batch_size, meta["bos_id"], dtype, config.eval_batches)
+        self.device = device = resolve_device(self.device_name)
+        self.dtype = resolve_precision(config.precision, device)
+        self.strategy = resolve_strategy(config.distributed, ranks)
+        if self.strategy == "fsdp" and config.optimizer == "muon":
+            raise LmforgeError("train.optimizer muon needs whole matrices; use train.distributed ddp with it (fsdp shards them)")
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.model = model = Decoder(model_config).to(device)
+        model.activation_checkpointing = config.activation_checkpointing
+        self.trained = wrap_model(model, self.strategy, device)
+        self.optimizer = build_optimizer(model, config, device)
+        self.train_tokens, self.val_tokens = load_tokens(layout.tokens, "train"), load_tokens(layout.tokens, "val")
+        self.batches = TrainBatches(self.train_tokens, model_config.context_length, config.seed)
+        self.metrics = MetricsLog(layout.logs / "metrics.jsonl") if ranks.is_main else None
+        self.state = {"step": 0, "samples_seen": 0, "tokens_seen": 0, "elapsed_seconds": 0.0, "val_loss": None,
+                      "tokens_fingerprint": self.inputs["tokens"], "skipped_steps": 0, "spikes": 0,
+                      "best_val_loss": None, "best_step": None, "evals_since_best": 0}
+        self._resume()
+        self.step_fn = _try_compile(self.trained) if config.compile else self.trained
+        self.flops_per_token = model.flops_per_token()
+        self.peak = peak_flops(device, self.dtype) if ranks.is_main else None
+        try:
+            return self._train()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def _resume(self) -> None:
+        found = latest_valid_checkpoint(self.layout.checkpoints) if self.ranks.is_main else None
+        found = self.ranks.broadcast(str(found) if found else None)
+        if found is None:
+            return
+        state = load_training_state(Path(found), self.model, self.optimizer, self.ranks)
+        if state.get("tokens_fingerprint") != self.inputs["tokens"]:
+            raise LmforgeError(f"checkpoint {found} was trained on different token shards; use a new run name or --fresh")
+        self.state.update(state)
+        if self.metrics is not None:
+            self.metrics.truncate_after(state["step"])
+            print(f"resuming from {found} (step {state['step']})", file=sys.stderr)
+
+    def _save(self) -> Path:
+        path = save_checkpoint(self.layout.checkpoints, self.state["step"], self.model, self.optimizer, self.state,
+                               self.layout.tokenizer, self.config.keep_checkpoints, self.ranks)
+        self.last_saved_step = self.state["step"]
+        return path
+
+    def _validate(self) -> float:
+        meta, config = self.meta, self.config
+        nats, count = total_nats(self.model, self.val_tokens, config.batch_size, meta["bos_id"], self.dtype, config.eval_batches)
         return nats / max(count, 1)
 
-    tokens_per_step = config.batch_size * config.grad_accum_steps * context
-    bar = tqdm(total=100, disable=not progress, unit="%", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}", file=sys.stderr)
-    bar.update(min(100, round(100 * budget_progress(config, state))))
-    last_checkpoint_time = time.monotonic()
-    last_loss, bad_streak = None, 0
-    interrupted = False
-    model.train()
-    with _StopRequest() as stop:
-        while budget_progress(config, state) < 1.0:
-            started = time.perf_counter()
-            lr = learning_rate(config, state["step"], budget_progress(config, state))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = 0.0
-            for _ in range(config.grad_accum_steps):
-                inputs_batch, targets_batch = batches.batch(state["samples_seen"], config.batch_size)
-                state["samples_seen"] += config.batch_size
-                with autocast(device, dtype):
-                    loss = step_fn(inputs_batch.to(device), targets_batch.to(device)) / config.grad_accum_steps
-                loss.backward()
-                step_loss += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
-            if math.isfinite(step_loss) and torch.isfinite(grad_norm):
-                optimizer.step()
-                bad_streak = 0
-            else:
-                # A non-finite step would poison the weights; skipping keeps the last good state.
-                state["skipped_steps"] += 1
-                bad_streak += 1
-                if bad_streak >= MAX_CONSECUTIVE_BAD_STEPS:
-                    raise LmforgeError(f"loss or gradient was not finite for {bad_streak} steps in a row at step {state['step']}; "
-                                       "lower train.learning_rate (the last checkpoint is intact)")
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - started
-            state["step"] += 1
-            state["tokens_seen"] += tokens_per_step
-            state["elapsed_seconds"] += elapsed
-            last_loss = step_loss
+    def _log(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
 
-            if state["step"] % config.log_interval == 0 or state["step"] == 1:
-                metrics.write({"step": state["step"], "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
-                               "tokens_seen": state["tokens_seen"], "tokens_per_second": tokens_per_step / elapsed,
-                               "elapsed_seconds": round(state["elapsed_seconds"], 3)})
-            if state["step"] % config.eval_interval == 0:
-                state["val_loss"] = validate()
-                metrics.write({"step": state["step"], "val_loss": state["val_loss"], "tokens_seen": state["tokens_seen"]})
-                if on_eval is not None:
-                    on_eval(state["step"], state["val_loss"])
-            bar.set_postfix_str(f"step {state['step']} loss {step_loss:.3f} lr {lr:.2e} {tokens_per_step / elapsed:,.0f} tok/s")
-            bar.update(min(100, round(100 * budget_progress(config, state))) - bar.n)
+    def _after_validation(self) -> bool:
+        """Record the validation loss, keep the best checkpoint; True when early stopping says stop."""
+        state, config = self.state, self.config
+        val = state["val_loss"]
+        self._log({"step": state["step"], "val_loss": val, "tokens_seen": state["tokens_seen"]})
+        if self.on_eval is not None:
+            self.on_eval(state["step"], val)
+        improved = state["best_val_loss"] is None or val < state["best_val_loss"] - config.early_stopping_min_delta
+        if improved:
+            state["best_val_loss"], state["best_step"], state["evals_since_best"] = val, state["step"], 0
+            if config.keep_best_checkpoint:
+                path = self._save()
+                if self.ranks.is_main:
+                    mark_best(self.layout.checkpoints, path, val)
+        else:
+            state["evals_since_best"] += 1
+        if self.metrics is not None:
+            plot_loss_curve(self.metrics.records(), self.layout.logs / "loss_curve.png", title=self._title())
+        patience = config.early_stopping_patience
+        if patience and state["evals_since_best"] >= patience:
+            self._log({"step": state["step"], "event": "early_stop", "best_step": state["best_step"], "best_val_loss": state["best_val_loss"]})
+            return True
+        return False
 
-            due_by_time = config.checkpoint_minutes and time.monotonic() - last_checkpoint_time >= 60 * config.checkpoint_minutes
-            if stop.requested or state["step"] % config.checkpoint_interval == 0 or due_by_time:
-                save()
-                last_checkpoint_time = time.monotonic()
-            if stop.requested:
-                interrupted = True
-                break
-    bar.close()
+    def _title(self) -> str:
+        return f"{self.recipe.name}: {self.model.num_parameters():,} parameters"
 
-    if interrupted:
+    def _train(self) -> PretrainResult:
+        config, state, ranks, layout = self.config, self.state, self.ranks, self.layout
+        context = self.model.config.context_length
+        rows = ranks.shard(config.batch_size)
+        tokens_per_step = config.batch_size * config.grad_accum_steps * context
+        recent_losses, recent_norms = deque(maxlen=config.spike_window), deque(maxlen=config.spike_window)
+        bar = tqdm(total=100, disable=not self.progress, unit="%", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}", file=sys.stderr)
+        bar.update(min(100, round(100 * budget_progress(config, state))))
+        self.last_saved_step = None
+        last_checkpoint_time = time.monotonic()
+        last_loss, bad_streak, interrupted, stopped_early = None, 0, False, False
+        local_seconds = state["elapsed_seconds"]
+        self.trained.train()
+        with _StopRequest() as stop:
+            while budget_progress(config, state) < 1.0:
+                started = time.perf_counter()
+                lr = learning_rate(config, state["step"], budget_progress(config, state))
+                set_learning_rate(self.optimizer, lr)
+                local_loss = torch.zeros((), device=self.device)
+                sample_ids = []
+                for micro in range(config.grad_accum_steps):
+                    inputs, targets = self.batches.batch(state["samples_seen"], config.batch_size)
+                    if config.log_sample_ids:
+                        sample_ids += self.batches.window_ids(state["samples_seen"], config.batch_size)
+                    state["samples_seen"] += config.batch_size
+                    with no_sync(self.trained, micro < config.grad_accum_steps - 1):
+                        with autocast(self.device, self.dtype):
+                            loss = self.step_fn(inputs[rows].to(self.device), targets=targets[rows].to(self.device)) / config.grad_accum_steps
+                        loss.backward()
+                    local_loss += loss.detach()
+                grad_norm = float(gradient_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or math.inf)))
+                # One collective agrees the numbers every rank's decisions depend on.
+                local_seconds += time.perf_counter() - started
+                loss_sum, stop_votes, seconds_sum = ranks.sum([float(local_loss), float(stop.requested), local_seconds])
+                step_loss, stop_requested = loss_sum / ranks.world_size, stop_votes > 0
+
+                finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+                spike = finite and (_is_spike(step_loss, recent_losses, config.spike_sigma) or _is_spike(grad_norm, recent_norms, config.spike_sigma))
+                if not finite:
+                    # Checked before optimizer.step(): a non-finite step never touches the weights.
+                    state["skipped_steps"] += 1
+                    bad_streak += 1
+                    self._log({"step": state["step"] + 1, "event": "skipped_nonfinite", "loss": _json_number(step_loss), "grad_norm": _json_number(grad_norm)})
+                    if bad_streak >= config.max_bad_steps:
+                        last = latest_valid_checkpoint(layout.checkpoints, warn=False) if ranks.is_main else None
+                        where = f"; the last good checkpoint {last} is intact" if last else ""
+                        raise LmforgeError(f"loss or gradient was not finite for {bad_streak} steps in a row at step {state['step'] + 1}; "
+                                           f"lower train.learning_rate or check the data{where}")
+                else:
+                    bad_streak = 0
+                    if spike:
+                        state["spikes"] += 1
+                        self._log({"step": state["step"] + 1, "event": "spike", "loss": step_loss, "grad_norm": grad_norm,
+                                   "skipped": config.skip_spikes})
+                    if not (spike and config.skip_spikes):
+                        started_update = time.perf_counter()
+                        self.optimizer.step()
+                        local_seconds += time.perf_counter() - started_update
+                    else:
+                        state["skipped_steps"] += 1
+                    recent_losses.append(step_loss)
+                    recent_norms.append(grad_norm)
+                self.optimizer.zero_grad(set_to_none=True)
+                elapsed = max(seconds_sum / ranks.world_size - state["elapsed_seconds"], 1e-9)
+                state["step"] += 1
+                state["tokens_seen"] += tokens_per_step
+                state["elapsed_seconds"] = seconds_sum / ranks.world_size
+                last_loss = step_loss
+
+                if state["step"] % config.log_interval == 0 or state["step"] == 1 or config.log_sample_ids:
+                    tokens_per_second = tokens_per_step / elapsed
+                    record = {"step": state["step"], "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state["tokens_seen"],
+                              "tokens_per_second": tokens_per_second, "elapsed_seconds": round(state["elapsed_seconds"], 3)}
+                    if self.peak:
+                        record["mfu"] = tokens_per_second * self.flops_per_token / ranks.world_size / self.peak
+                    if config.log_sample_ids:
+                        record["sample_ids"] = sample_ids
+                    self._log(record)
+                if state["step"] % config.eval_interval == 0:
+                    state["val_loss"] = self._validate()
+                    stopped_early = self._after_validation()
+                bar.set_postfix_str(f"step {state['step']} loss {step_loss:.3f} lr {lr:.2e} {tokens_per_step / elapsed:,.0f} tok/s")
+                bar.update(min(100, round(100 * budget_progress(config, state))) - bar.n)
+
+                due_by_time = config.checkpoint_minutes and time.monotonic() - last_checkpoint_time >= 60 * config.checkpoint_minutes
+                due = stop_requested or state["step"] % config.checkpoint_interval == 0 or due_by_time
+                if ranks.distributed:
+                    due = ranks.broadcast(due)  # clocks differ between ranks; rank 0 decides
+                if due and self.last_saved_step != state["step"]:
+                    self._save()
+                    last_checkpoint_time = time.monotonic()
+                if stop_requested:
+                    interrupted = True
+                    break
+                if stopped_early:
+                    break
+        bar.close()
+
+        if interrupted:
+            checkpoint = layout.checkpoints / f"step_{state['step']:08d}"
+            if ranks.is_main:
+                print(f"interrupted: saved {checkpoint}; run the same command again to resume", file=sys.stderr)
+            return PretrainResult(checkpoint, state["step"], state["tokens_seen"], last_loss, state["val_loss"], interrupted=True)
+
+        if state["step"] % config.eval_interval != 0 or state["val_loss"] is None:
+            state["val_loss"] = self._validate()
+            self._after_validation()
         checkpoint = layout.checkpoints / f"step_{state['step']:08d}"
-        print(f"interrupted: saved {checkpoint}; run the same command again to resume", file=sys.stderr)
-        return PretrainResult(checkpoint, state["step"], state["tokens_seen"], last_loss, state["val_loss"], interrupted=True)
+        if self.last_saved_step != state["step"]:
+            checkpoint = self._save()  # always: the final state carries the final validation loss
+        if ranks.is_main:
+            plot_loss_curve(self.metrics.records(), layout.logs / "loss_curve.png", title=self._title())
+            stats = {"checkpoint": checkpoint.name, "step": state["step"], "tokens_seen": state["tokens_seen"], "final_loss": last_loss,
+                     "val_loss": state["val_loss"], "best_step": state["best_step"], "best_val_loss": state["best_val_loss"],
+                     "early_stopped": stopped_early, "parameters": self.model.num_parameters(),
+                     "elapsed_seconds": state["elapsed_seconds"], "skipped_steps": state["skipped_steps"], "spikes": state["spikes"],
+                     "device": str(self.device), "precision": str(self.dtype or "fp32"), "ranks": ranks.world_size, "strategy": self.strategy}
+            write_manifest(layout.checkpoints, "pretrain", self.section, self.inputs, stats)
+        ranks.barrier()
+        return PretrainResult(checkpoint, state["step"], state["tokens_seen"], last_loss, state["val_loss"])
 
-    if state["step"] % config.eval_interval != 0 or state["val_loss"] is None:
-        state["val_loss"] = validate()
-        metrics.write({"step": state["step"], "val_loss": state["val_loss"], "tokens_seen": state["tokens_seen"]})
-    checkpoint = save()  # always: the final state carries the final validation loss
-    plot_loss_curve(metrics.records(), layout.logs / "loss_curve.png", title=f"{recipe.name}: {model.num_parameters():,} parameters")
-    stats = {"checkpoint": checkpoint.name, "step": state["step"], "tokens_seen": state["tokens_seen"], "final_loss": last_loss,
-             "val_loss": state["val_loss"], "parameters": model.num_parameters(), "elapsed_seconds": state["elapsed_seconds"],
-             "skipped_steps": state["skipped_steps"], "device": str(device), "precision": str(dtype or "fp32")}
-    write_manifest(layout.checkpoints, "pretrain", section, inputs, stats)
-    return PretrainResult(checkpoint, state["step"], state["tokens_seen"], last_loss, state["val_loss"])
+
+def _is_spike(value: float, history: deque, sigma: float) -> bool:
+    """Far above the recent mean (needs some history: early training falls fast and is noisy)."""
+    if len(history) < 16:
+        return False
+    mean = sum(history) / len(history)
+    std = math.sqrt(sum((x - mean) ** 2 for x in history) / len(history))
+    return value > mean + sigma * max(std, 1e-6 * abs(mean))
 
 
-def _try_compile(model: Decoder):
-    """torch.compile the loss when the platform supports it; otherwise fall back to eager with a note."""
+def _json_number(value: float):
+    return value if math.isfinite(value) else str(value)  # JSON has no NaN or Inf
+
+
+def _try_compile(model: torch.nn.Module):
+    """torch.compile the training module when the platform supports it; otherwise fall back to eager with a note."""
     try:
-        compiled = torch.compile(model.loss)
+        compiled = torch.compile(model)
     except Exception as exc:  # compile support varies by platform and toolchain
         print(f"warning: torch.compile unavailable ({exc.__class__.__name__}); training in eager mode", file=sys.stderr)
-        return model.loss
+        return model
 
     def step(inputs, targets):
         nonlocal compiled
         try:
-            return compiled(inputs, targets)
+            return compiled(inputs, targets=targets)
         except Exception as exc:
             print(f"warning: torch.compile failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120]}); training in eager mode",
                   file=sys.stderr)
-            compiled = model.loss
-            return compiled(inputs, targets)
+            compiled = model
+            return compiled(inputs, targets=targets)
 
     return step
