@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def layout_for(recipe: Recipe, workdir: Path) -> RunLayout:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one voice
+        print(message, file=sys.stderr, flush=True)
 
 
 def run_data(recipe: Recipe, layout: RunLayout, progress: bool = True, force: bool = False) -> str:
