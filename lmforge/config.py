@@ -167,7 +167,7 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
-PACKAGED_RECIPES = ("default", "tiny")
+PACKAGED_RECIPES = ("default", "tiny", "gpt2-small")
 
 
 def _known_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
