@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -94,6 +95,47 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", type=Path, help="run folder or checkpoint folder")
     export.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export/hf)")
 
+    logs = sub.add_parser("logs", help="summarise a run's training metrics and draw its curves",
+                          description="Summarise RUN/logs/metrics.jsonl (also while training) and write "
+                                      "RUN/logs/loss_curve.png and RUN/logs/training.png.")
+    logs.add_argument("run", type=Path, help="run folder (e.g. runs/default)")
+    logs.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    tune = sub.add_parser("tune", help="search recipe hyperparameters with Optuna (TPE, random or grid), pruning bad trials",
+                          description="Train short trials of a recipe with searched values, then write a results table and\n"
+                                      "the best recipe to WORKDIR/<name>-tune/. The same command again continues the search.",
+                          epilog="DIST is uniform:LOW:HIGH, loguniform:LOW:HIGH, int:LOW:HIGH[:STEP] or choice:A,B,...\n"
+                                 "Recipe overrides (--train.max_steps 200) are fixed for every trial.",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_arguments(tune)
+    tune.add_argument("--param", action="append", default=[], metavar="KEY=DIST",
+                      help="search this recipe key, e.g. train.learning_rate=loguniform:1e-4:1e-2 (repeatable)")
+    tune.add_argument("--space", type=Path, default=None, metavar="FILE", help="YAML mapping of KEY: DIST (--param wins)")
+    tune.add_argument("--trials", type=int, default=None, help="finished trials wanted, counting earlier runs (default: the grid's size, else 20)")
+    tune.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe", help="tpe (Bayesian, default), random or grid")
+    tune.add_argument("--seed", type=int, default=0, help="sampler seed")
+    tune.add_argument("--no-prune", action="store_true", help="train every trial to the end (default: median pruning on validation loss)")
+    tune.add_argument("--study-name", default=None, help="the study and its folder under WORKDIR (default: <recipe name>-tune)")
+
+    plan = sub.add_parser("plan", help="size a model and its training tokens for a budget (Chinchilla) and estimate wall time",
+                          description="Propose parameters and training tokens at 20 tokens per parameter for one budget, show other "
+                                      "sizes at the same compute with their predicted loss, and estimate wall time.",
+                          epilog="Numbers take 1e17, 2.5T, 1.5B, 10M or 300k.")
+    plan.add_argument("--flops", metavar="C", help="compute budget in FLOPs, e.g. 1e17")
+    plan.add_argument("--hours", metavar="H", help="training hours on --device")
+    plan.add_argument("--tokens", metavar="D", help="corpus size in tokens")
+    plan.add_argument("--params", metavar="N", help="model size in parameters, e.g. 10M")
+    plan.add_argument("--run", type=Path, metavar="RUNDIR", help="a run with token shards: its train tokens are the corpus "
+                      "(the budget, unless another is given), its vocabulary and recipe the base")
+    plan.add_argument("--device", default="cpu", help="cpu (this machine; measured, the default) or h100, a100, l4, rtx4090 "
+                      "(datasheet peak x --mfu)")
+    plan.add_argument("--mfu", metavar="FRACTION", help="assumed fraction of a GPU's peak reached (default 0.4)")
+    plan.add_argument("--vocab-size", metavar="V", help="vocabulary size (default: the run's, else the default recipe's)")
+    plan.add_argument("--context-length", metavar="T", help="context length (default: the base recipe's)")
+    plan.add_argument("--write", type=Path, metavar="FILE.yaml", help="write the planned recipe here")
+    plan.add_argument("--name", help="name of the written recipe (default: base name and size)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
     recipe = sub.add_parser("recipe", help="print a resolved recipe, or the reference of every field")
     recipe.add_argument("recipe", nargs="?", default=None, help="recipe file or packaged name (default: `default`)")
     recipe.add_argument("--reference", action="store_true", help="print every recipe field with its default and meaning")
@@ -106,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         parser.error(problem)
     args = parser.parse_args(argv)
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.stdout = open(os.devnull, "w")  # under torchrun, rank 0 reports; errors still reach stderr
     try:
         return _dispatch(args, overrides, parser)
     except LmforgeError as exc:
@@ -121,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args, overrides: dict, parser: argparse.ArgumentParser) -> int:
     from lmforge import pipeline
 
-    if overrides and args.command not in ("run", "recipe", *pipeline.STAGES[:-1]):
+    if overrides and args.command not in ("run", "recipe", "tune", *pipeline.STAGES[:-1]):
         parser.error(f"`lmforge {args.command}` takes no recipe overrides (got --{next(iter(overrides))})")
 
     if args.command == "recipe":
@@ -141,12 +185,28 @@ def _dispatch(args, overrides: dict, parser: argparse.ArgumentParser) -> int:
         return _eval(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "tune":
+        from lmforge.tuning.tune import parse_space, tune
+
+        space = parse_space(args.param, args.space, fixed=overrides)
+        tune(load_recipe(args.recipe, overrides), space, args.workdir, trials=args.trials, sampler=args.sampler, seed=args.seed,
+             prune=not args.no_prune, study_name=args.study_name, progress=not args.quiet)
+        return 0
     if args.command == "export":
         from lmforge.interop.hf import export_hf
 
         out = args.out or Path(args.run) / "export" / "hf"
         print(f"exported to {export_hf(args.run, out)}")
         return 0
+    if args.command == "logs":
+        from lmforge.training.logs import format_summary, summarize_run
+
+        print(format_summary(summarize_run(args.run), as_json=args.json))
+        return 0
+    if args.command == "plan":
+        from lmforge.planning.plan import plan_command
+
+        return plan_command(args)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,1 @@
+"""Hyperparameter search over recipe fields (`lmforge tune`), driven by Optuna."""
