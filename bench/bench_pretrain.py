@@ -34,6 +34,7 @@ from lmforge.tokenizer.shards import load_tokens, read_token_meta
 from lmforge.training.batches import TrainBatches
 from lmforge.training.device import cpu_has_fast_bf16
 from lmforge.training.optim import build_optimizer
+from lmforge.training.pretrain import CPU_COMPILE_MODE
 
 VOCAB_SIZE = 4096  # with random token ids; a --tokens folder brings its own
 CHUNK_STEPS = 5  # steps a variant runs before the next one takes its turn
@@ -132,6 +133,21 @@ def build_variants(config: DecoderConfig, train_config: TrainConfig, compile_var
         model = lmforge_copy()
         variants.append(Variant("lmforge fp32 torch.compile", torch.compile(model.loss), model,
                                 build_optimizer(model, train_config, device)))
+        model = lmforge_copy()
+        variants.append(Variant(f"lmforge fp32 torch.compile {CPU_COMPILE_MODE}", torch.compile(model.loss, mode=CPU_COMPILE_MODE), model,
+                                build_optimizer(model, train_config, device)))
+        # The peer compiled too, so the table also shows what compilation alone buys either model.
+        hf_compiled = LlamaForCausalLM(LlamaConfig.from_dict(hf_config_dict(config, **ids), attn_implementation="sdpa"))
+        hf_compiled.load_state_dict(reference.state_dict())
+        hf_compiled.train()
+        compiled_forward = torch.compile(hf_compiled, mode=CPU_COMPILE_MODE)
+
+        def hf_compiled_loss(inputs, targets):
+            logits = compiled_forward(input_ids=inputs, use_cache=False).logits
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+        variants.append(Variant(f"transformers fp32 torch.compile {CPU_COMPILE_MODE}", hf_compiled_loss, hf_compiled,
+                                build_optimizer(hf_compiled, train_config, device)))
     return variants
 
 

@@ -114,6 +114,10 @@ class TrainConfig(Section):
         "optimizer state (FSDP2); auto: ddp. Ignored on one process."
     )
     activation_checkpointing: bool = Field(False, description="Recompute each block's activations in backward: less memory, ~1/3 more compute.")
+    loss_chunk_tokens: int | None = Field(
+        None, ge=1, description="Compute the output layer and loss this many tokens at a time, recomputed in backward, so the "
+        "full tokens x vocabulary logits never exist at once (for large vocabularies; null: all at once)."
+    )
     seed: int = Field(1337, description="Seed for initialisation and data order.")
     eval_interval: int = Field(200, ge=1, description="Validate every this many steps.")
     eval_batches: int = Field(10, ge=1, description="Micro-batches used for each periodic validation.")

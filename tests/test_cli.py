@@ -31,7 +31,8 @@ def test_overrides_are_taken_out_before_positional_arguments():
     assert overrides == {"train.max_steps": 200, "model.tie_embeddings": False, "data.sources": ["a", "b"]}
 
 
-@pytest.mark.parametrize("command", ["run", "data", "tokenizer", "tokens", "pretrain", "eval", "generate", "export", "recipe"])
+@pytest.mark.parametrize("command", ["run", "data", "tokenizer", "tokens", "pretrain", "eval", "generate", "export", "recipe",
+                                     "logs", "plan", "tune"])
 def test_every_command_has_help(command):
     result = lmforge(command, "--help")
     assert result.returncode == 0 and "usage: lmforge" in result.stdout

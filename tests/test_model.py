@@ -66,3 +66,21 @@ def test_loss_ignores_masked_targets():
     logits = model(ids)
     expected = torch.nn.functional.cross_entropy(logits[:, :5].reshape(-1, 97), targets[:, :5].reshape(-1))
     assert torch.allclose(model.loss(ids, masked), expected, atol=1e-6)
+
+
+def test_chunked_loss_equals_the_whole_loss_and_its_gradients():
+    torch.manual_seed(0)
+    model = small_model().train()
+    ids = torch.randint(0, 97, (3, 11))
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    targets[0, :4] = -100  # ignored targets must stay ignored across chunk borders
+    whole = model(inputs, targets=targets)
+    whole.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.loss_chunk_tokens = 7  # 30 tokens: chunks of 7, 7, 7, 7, 2
+    chunked = model(inputs, targets=targets)
+    chunked.backward()
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, expected[name], atol=1e-6), name

@@ -186,7 +186,9 @@ class Decoder(nn.Module):
         cos, sin = rotary_tables(config.head_dim, config.context_length, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.activation_checkpointing = False  # a training switch, not part of the architecture
+        # Training switches, not part of the architecture (see TrainConfig).
+        self.activation_checkpointing = False
+        self.loss_chunk_tokens: int | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -220,10 +222,30 @@ class Decoder(nn.Module):
                 x = block(x, cos, sin, cache)
         if cache is not None:
             cache.advance(length)
-        logits = self.lm_head(self.model.norm(x))
+        hidden = self.model.norm(x)
         if targets is None:
-            return logits
+            return self.lm_head(hidden)
+        if self.loss_chunk_tokens and self.training and torch.is_grad_enabled() and targets.numel() > self.loss_chunk_tokens:
+            return self._chunked_loss(hidden.flatten(0, 1), targets.flatten(), reduction)
+        logits = self.lm_head(hidden)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
+
+    def _chunked_loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        """The same cross-entropy, a chunk of tokens at a time, each chunk's logits recomputed in backward.
+
+        With a large vocabulary the (tokens x vocab) logits and their gradient dominate memory
+        (32 x 1024 tokens x 50k vocab in fp32 is 6.6 GB); chunked, one chunk's logits exist at a time,
+        for a second pass through the output layer.
+        """
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for hidden_chunk, target_chunk in zip(hidden.split(self.loss_chunk_tokens), targets.split(self.loss_chunk_tokens)):
+            total = total + checkpoint(self._loss_sum, hidden_chunk, target_chunk, use_reentrant=False)
+        if reduction == "sum":
+            return total
+        return total / (targets != -100).sum()
+
+    def _loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.lm_head(hidden).float(), targets, ignore_index=-100, reduction="sum")
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of next-token prediction; targets equal to -100 are ignored."""

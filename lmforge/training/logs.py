@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.training.metrics import plot_loss_curve, read_jsonl_records
+from lmforge.training.metrics import plot_loss_curve, read_jsonl_records, save_figure
 
 SMOOTHING_RECORDS = 10
 
@@ -111,12 +111,7 @@ def plot_training(records: list[dict], out_path: Path, title: str = "") -> Path 
     for axes in (loss_axes, lr_axes, grad_axes, speed_axes):
         axes.grid(alpha=0.3)
     figure.suptitle(title)
-    figure.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path)
-    plt.close(figure)
-    return out_path
+    return save_figure(figure, out_path)
 
 
 def summarize_run(run: Path) -> dict:

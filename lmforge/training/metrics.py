@@ -186,6 +186,12 @@ def plot_loss_curve(records: list[dict], out_path: Path, title: str = "") -> Pat
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
+    return save_figure(figure, out_path)
+
+
+def save_figure(figure, out_path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

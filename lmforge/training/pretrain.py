@@ -137,6 +137,7 @@ class _Trainer:
         torch.manual_seed(config.seed)
         self.model = model = Decoder(model_config).to(device)
         model.activation_checkpointing = config.activation_checkpointing
+        model.loss_chunk_tokens = config.loss_chunk_tokens
         self.trained = wrap_model(model, self.strategy, device)
         self.optimizer = build_optimizer(model, config, device)
         self.train_tokens, self.val_tokens = load_tokens(layout.tokens, "train"), load_tokens(layout.tokens, "val")
@@ -146,7 +147,7 @@ class _Trainer:
                       "tokens_fingerprint": self.inputs["tokens"], "skipped_steps": 0, "spikes": 0,
                       "best_val_loss": None, "best_step": None, "evals_since_best": 0}
         self._resume()
-        self.step_fn = _try_compile(self.trained) if config.compile else self.trained
+        self.step_fn = _try_compile(self.trained, device) if config.compile else self.trained
         self.flops_per_token = model.flops_per_token()
         self.peak = peak_flops(device, self.dtype) if ranks.is_main else None
         try:
@@ -178,6 +179,12 @@ class _Trainer:
         meta, config = self.meta, self.config
         nats, count = total_nats(self.model, self.val_tokens, config.batch_size, meta["bos_id"], self.dtype, config.eval_batches)
         return nats / max(count, 1)
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # From pinned memory the copy is asynchronous: the GPU does not wait on the host.
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch
 
     def _log(self, record: dict) -> None:
         if self.metrics is not None:
@@ -237,7 +244,7 @@ class _Trainer:
                     state["samples_seen"] += config.batch_size
                     with no_sync(self.trained, micro < config.grad_accum_steps - 1):
                         with autocast(self.device, self.dtype):
-                            loss = self.step_fn(inputs[rows].to(self.device), targets=targets[rows].to(self.device)) / config.grad_accum_steps
+                            loss = self.step_fn(self._to_device(inputs[rows]), targets=self._to_device(targets[rows])) / config.grad_accum_steps
                         loss.backward()
                     local_loss += loss.detach()
                 grad_norm = float(gradient_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or math.inf)))
@@ -345,10 +352,15 @@ def _json_number(value: float):
     return value if math.isfinite(value) else str(value)  # JSON has no NaN or Inf
 
 
-def _try_compile(model: torch.nn.Module):
+# On CPU, letting inductor benchmark its kernel choices measured faster than the default mode
+# (BENCHMARKS.md); CUDA graphs are left out because training steps allocate.
+CPU_COMPILE_MODE = "max-autotune-no-cudagraphs"
+
+
+def _try_compile(model: torch.nn.Module, device: torch.device):
     """torch.compile the training module when the platform supports it; otherwise fall back to eager with a note."""
     try:
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=CPU_COMPILE_MODE if device.type == "cpu" else None)
     except Exception as exc:  # compile support varies by platform and toolchain
         print(f"warning: torch.compile unavailable ({exc.__class__.__name__}); training in eager mode", file=sys.stderr)
         return model
