@@ -26,10 +26,13 @@ CONTEXT = 64
 TRAIN_STEPS = 40
 BATCH_SIZE = 8
 # Tied embeddings with grouped-query attention; untied with a single key/value head and a non-default
-# RoPE base, so a theta that did not reach transformers would show up as a logits mismatch.
+# RoPE base, so a theta that did not reach transformers would show up as a logits mismatch; and the
+# squared-ReLU MLP.
 VARIANTS = {
     "tied-gqa": dict(tie_embeddings=True, n_kv_heads=2),
     "untied-mqa-theta": dict(tie_embeddings=False, n_kv_heads=1, rope_theta=500_000.0),
+    # Squared ReLU goes out as Llama's gated MLP with a relu gate equal to up (the default recipe's MLP).
+    "untied-relu2": dict(tie_embeddings=False, n_kv_heads=4, mlp="relu2"),
 }
 TEXTS = ["The json module", "def f(x):\n    return x  # ok", "Grüße aus Köln, 中文字符 and emoji 😀👍🏽", "  spaces\tand\ttabs  "]
 
@@ -115,7 +118,10 @@ def test_config_is_plain_llama(exported):
     assert theirs.dtype == torch.float32
     tied = theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
     assert tied == ours.config.tie_embeddings
-    assert sum(p.numel() for p in theirs.parameters()) == ours.num_parameters()
+    # A squared-ReLU model goes out with its up matrices duplicated as gates: one extra matrix per layer.
+    duplicated_gates = ours.config.n_layers * ours.config.ffn_hidden * ours.config.d_model if ours.config.mlp == "relu2" else 0
+    assert sum(p.numel() for p in theirs.parameters()) == ours.num_parameters() + duplicated_gates
+    assert config["hidden_act"] == ("silu" if ours.config.mlp == "swiglu" else "relu")
 
 
 def test_transformers_tokenizer_gives_our_ids(exported, tokenizer):

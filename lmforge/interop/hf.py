@@ -42,7 +42,8 @@ def hf_config_dict(config: DecoderConfig, bos_token_id: int, eos_token_id: int, 
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "rope_theta": config.rope_theta,
         "rope_scaling": None,
-        "hidden_act": "silu",
+        # A squared-ReLU MLP is Llama's gated MLP with act relu and gate = up: relu(u) * u == relu(u)^2.
+        "hidden_act": "silu" if config.mlp == "swiglu" else "relu",
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -68,6 +69,9 @@ def export_hf(checkpoint_or_run: Path, out_dir: Path) -> Path:
     _check_destination(out_dir)
     checkpoint = resolve_checkpoint(checkpoint_or_run)
     model = load_model(checkpoint)
+    if model.config.qk_norm:
+        raise LmforgeError(f"checkpoint {checkpoint} uses model.qk_norm, which LlamaForCausalLM does not have; "
+                           "export supports models trained without it")
     tokenizer = Tokenizer.load(checkpoint / "tokenizer")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise LmforgeError(f"checkpoint {checkpoint} has a tokenizer of {tokenizer.vocab_size} tokens but a model of only "
@@ -113,6 +117,9 @@ def _write_export(folder: Path, checkpoint: Path, model: Decoder, tokenizer: Tok
     if config.tie_embeddings:
         # transformers ties lm_head to embed_tokens when loading; safetensors cannot store a shared tensor twice.
         del weights["lm_head.weight"]
+    if config.mlp == "relu2":
+        for name in [n for n in weights if n.endswith("mlp.up_proj.weight")]:
+            weights[name.replace("up_proj", "gate_proj")] = weights[name].clone()
     dtype = str(weights["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
