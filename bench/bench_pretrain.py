@@ -222,7 +222,13 @@ def main() -> None:
     else:
         vocab_size = VOCAB_SIZE
         tokens = np.random.default_rng(0).integers(len(SPECIAL_TOKENS), vocab_size, size=2_000_000, dtype=np.uint16)
-    config = DecoderConfig.from_recipe(recipe.model, vocab_size=vocab_size)
+    model_section = recipe.model
+    if model_section.mlp != "swiglu" or model_section.qk_norm:
+        # LlamaForCausalLM has only the SwiGLU MLP and no QK-norm: compare the same function, same FLOPs.
+        print(f"note: recipe `{args.recipe}` uses mlp={model_section.mlp}, qk_norm={model_section.qk_norm}; both models are "
+              "built with Llama's SwiGLU MLP and no QK-norm so that they compute the same function")
+        model_section = model_section.model_copy(update={"mlp": "swiglu", "qk_norm": False, "ffn_hidden": None})
+    config = DecoderConfig.from_recipe(model_section, vocab_size=vocab_size)
     train_config = recipe.train
     batch_size = train_config.batch_size
     batches = TrainBatches(tokens, config.context_length, seed=0)
