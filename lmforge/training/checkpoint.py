@@ -273,16 +273,22 @@ def read_model_config(folder: Path) -> DecoderConfig:
         raise LmforgeError(f"{folder}/config.json is not a valid model config: {exc}") from None
 
 
+def _read_weights(folder: Path, config: DecoderConfig) -> dict[str, torch.Tensor]:
+    """The weights file as a full state dict: a tied embedding is stored once, under either name."""
+    weights = load_file(str(folder / "model.safetensors"))
+    if config.tie_embeddings:
+        shared = weights.get("model.embed_tokens.weight", weights.get("lm_head.weight"))
+        if shared is not None:
+            weights["model.embed_tokens.weight"] = weights["lm_head.weight"] = shared
+    return weights
+
+
 def load_model(folder: Path, device: str | torch.device = "cpu") -> Decoder:
     """Build the model a checkpoint describes and load its weights (the checkpoint is verified first)."""
     folder = Path(folder)
     verify_checkpoint(folder)
     model = Decoder(read_model_config(folder))
-    weights = load_file(str(folder / "model.safetensors"))
-    if model.config.tie_embeddings:  # one tensor stored under either name
-        shared = weights.get("model.embed_tokens.weight", weights.get("lm_head.weight"))
-        if shared is not None:
-            weights["model.embed_tokens.weight"] = weights["lm_head.weight"] = shared
+    weights = _read_weights(folder, model.config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise LmforgeError(f"{folder}/model.safetensors does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -304,10 +310,9 @@ def load_training_state(folder: Path | None, model: Decoder, optimizer: torch.op
             weights, optimizer_state, state = _read_training_state(Path(folder), model)
         except LmforgeError as exc:
             problem = str(exc)
-    problem = ranks.broadcast(problem)
+    problem, state = ranks.broadcast((problem, state))
     if problem:
         raise LmforgeError(problem)
-    state = ranks.broadcast(state)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=ranks.distributed, strict=True)
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state, options=options)
     rng = base64.b64decode(state.pop("torch_rng_state"))
@@ -325,9 +330,7 @@ def _read_training_state(folder: Path, model: Decoder) -> tuple[dict, dict, dict
         differences = {k: (v, getattr(model.config, k)) for k, v in saved.to_dict().items() if getattr(model.config, k) != v}
         detail = ", ".join(f"{k}: checkpoint {a} vs recipe {b}" for k, (a, b) in differences.items())
         raise LmforgeError(f"checkpoint {folder} was trained with a different model config ({detail}); use a new run name or --fresh")
-    weights = load_file(str(folder / "model.safetensors"))
-    if saved.tie_embeddings:
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    weights = _read_weights(folder, saved)
     state = read_json(folder / "trainer_state.json", what="trainer state")
     optimizer_state = _optimizer_state(load_file(str(folder / "optimizer.safetensors")), state.pop("optimizer_param_groups"))
     return weights, optimizer_state, state

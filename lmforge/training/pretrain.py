@@ -248,9 +248,13 @@ class _Trainer:
                         loss.backward()
                     local_loss += loss.detach()
                 grad_norm = float(gradient_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip or math.inf)))
-                # One collective agrees the numbers every rank's decisions depend on.
                 local_seconds += time.perf_counter() - started
-                loss_sum, stop_votes, seconds_sum = ranks.sum([float(local_loss), float(stop.requested), local_seconds])
+                # One collective agrees the numbers every rank's decisions depend on. Clocks differ
+                # between ranks, so only rank 0 votes on a checkpoint being due by time.
+                time_due_here = ranks.is_main and bool(config.checkpoint_minutes) and \
+                    time.monotonic() - last_checkpoint_time >= 60 * config.checkpoint_minutes
+                loss_sum, stop_votes, seconds_sum, time_votes = ranks.sum(
+                    [float(local_loss), float(stop.requested), local_seconds, float(time_due_here)])
                 step_loss, stop_requested = loss_sum / ranks.world_size, stop_votes > 0
 
                 finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
@@ -301,10 +305,7 @@ class _Trainer:
                 bar.set_postfix_str(f"step {state['step']} loss {step_loss:.3f} lr {lr:.2e} {tokens_per_step / elapsed:,.0f} tok/s")
                 bar.update(min(100, round(100 * budget_progress(config, state))) - bar.n)
 
-                due_by_time = config.checkpoint_minutes and time.monotonic() - last_checkpoint_time >= 60 * config.checkpoint_minutes
-                due = stop_requested or state["step"] % config.checkpoint_interval == 0 or due_by_time
-                if ranks.distributed:
-                    due = ranks.broadcast(due)  # clocks differ between ranks; rank 0 decides
+                due = stop_requested or state["step"] % config.checkpoint_interval == 0 or time_votes > 0
                 if due and self.last_saved_step != state["step"]:
                     self._save()
                     last_checkpoint_time = time.monotonic()
