@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from pathlib import Path
@@ -68,13 +69,38 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--force" if name != "pretrain" else "--fresh", dest="force", action="store_true",
                            help="rebuild even if up to date" if name != "pretrain" else "discard checkpoints and train from scratch")
 
-    evaluate = sub.add_parser("eval", help="score a run: validation loss, perplexity, bits per byte; samples; report",
-                              description="Evaluate a run's latest checkpoint and write RUN/eval/report.{json,md}.")
+    evaluate = sub.add_parser(
+        "eval", help="score a run: held-out perplexity and bits per byte with intervals, tasks, benchmarks, samples; report",
+        description="Evaluate a run's latest checkpoint (or --checkpoint, or --all-checkpoints) and write RUN/eval/report.{json,md}:\n"
+                    "held-out loss, perplexity, bits per byte and per character (sliding windows, bootstrap intervals), the built-in\n"
+                    "multiple-choice task, the recipe's eval.tasks, samples, curves and a table over evaluated checkpoints.\n"
+                    "With --text or --task, only those are scored and added to the existing report.",
+        epilog="Task formats: arc, hellaswag, mmlu, truthfulqa_mc1, truthfulqa_mc2 (the published JSONL/Parquet layouts),\n"
+               'mc ({"context","choices","label"}), generation ({"prompt","reference" or "references"}: BLEU, chrF, ROUGE, EM, F1),\n'
+               'classification ({"text","label"}: each label scored as a continuation; accuracy, P/R/F1, confusion matrix).\n'
+               "Example: lmforge eval runs/default --task arc=ARC-Easy-Test.jsonl --fewshot 5 --limit 200",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("run", type=Path, help="run folder (e.g. runs/default) or checkpoint folder")
     evaluate.add_argument("--text", type=Path, action="append", default=[], metavar="FILE",
-                          help="also score this UTF-8 text file and add it to the report under its name (repeatable)")
+                          help="also score this UTF-8 file (.jsonl: one document per line's \"text\"; else one text, "
+                               "bootstrapped by paragraph) and add it to the report under its name (repeatable)")
+    evaluate.add_argument("--task", action="append", default=[], metavar="FORMAT=FILE",
+                          help="score this local task file and add it to the report (repeatable); see the formats below")
+    evaluate.add_argument("--fewshot", type=int, default=0, metavar="K", help="solved examples before each --task question (default 0)")
+    evaluate.add_argument("--fewshot-file", type=Path, default=None, metavar="FILE", help="take --task few-shot examples from this file")
+    evaluate.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N items of each --task")
+    evaluate.add_argument("--stride", type=int, default=None, metavar="TOKENS",
+                          help="sliding-window stride (default: the recipe's eval.stride, else half the context)")
+    which = evaluate.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", type=Path, default=None, metavar="DIR", help="evaluate this checkpoint of the run instead of the latest")
+    which.add_argument("--all-checkpoints", action="store_true",
+                       help="evaluate every kept checkpoint, oldest first, filling the report's table over checkpoints")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    from lmforge.evaluation.judge import add_judge_parser
+
+    add_judge_parser(sub)
 
     generate = sub.add_parser("generate", help="sample text from a trained model, streamed to the terminal",
                               description="Continue a prompt with a trained model.")
@@ -185,6 +211,10 @@ def _dispatch(args, overrides: dict, parser: argparse.ArgumentParser) -> int:
         return _eval(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "judge":
+        from lmforge.evaluation.judge import run_judge
+
+        return run_judge(args)
     if args.command == "tune":
         from lmforge.tuning.tune import parse_space, tune
 
@@ -221,20 +251,73 @@ def _print_artifacts(layout) -> None:
 
 def _eval(args) -> int:
     from lmforge.config import EvalConfig
-    from lmforge.evaluation.report import evaluate_run
+    from lmforge.evaluation.report import evaluate_run, run_folder_of
+    from lmforge.training.checkpoint import list_checkpoints
 
     # A run folder carries its resolved recipe; a bare checkpoint folder gets the default eval settings.
-    recipe_path = Path(args.run) / "recipe.yaml"
+    recipe_path = run_folder_of(args.run) / "recipe.yaml"
     config = load_recipe(recipe_path).eval if recipe_path.exists() else EvalConfig()
-    report = evaluate_run(args.run, config, texts=args.text, progress=not args.quiet, device=args.device)
-    if "val_loss" in report and not args.text:
-        print(f"validation loss {report['val_loss']:.4f}  perplexity {report['val_perplexity']:.2f}  "
-              f"bits/byte {report['val_bits_per_byte']:.4f}  (unigram baseline {report['unigram_val_bits_per_byte']:.4f})")
+    if args.stride is not None:
+        config = config.model_copy(update={"stride": _checked(args.stride, "--stride", 1)})
+    tasks = [_task_from_argument(spec, args) for spec in args.task]
+    checkpoints = [args.checkpoint]
+    if args.all_checkpoints:
+        checkpoints = list_checkpoints(run_folder_of(args.run) / "checkpoints")
+        if not checkpoints:
+            raise LmforgeError(f"{args.run} has no checkpoints/ to evaluate")
+    for index, checkpoint in enumerate(checkpoints):
+        last = index == len(checkpoints) - 1
+        if len(checkpoints) > 1:
+            print(f"checkpoint {checkpoint.name} ({index + 1} of {len(checkpoints)})", file=sys.stderr)
+        # Earlier checkpoints of --all-checkpoints fill the history; samples are drawn for the last one only.
+        report = evaluate_run(args.run, config, texts=args.text, tasks=tasks, progress=not args.quiet, device=args.device,
+                              checkpoint=checkpoint, samples=last)
+    _print_eval_summary(report, args)
+    print(f"report: {run_folder_of(args.run) / 'eval' / 'report.md'}")
+    return 0
+
+
+def _checked(value: int, flag: str, minimum: int) -> int:
+    if value < minimum:
+        raise LmforgeError(f"{flag} must be at least {minimum} (got {value})")
+    return value
+
+
+def _task_from_argument(spec: str, args):
+    from pydantic import ValidationError
+
+    from lmforge.config import TASK_FORMATS, EvalTask
+
+    task_format, separator, path = spec.partition("=")
+    if not separator or not path:
+        raise LmforgeError(f"--task takes FORMAT=FILE, e.g. arc=ARC-Easy-Test.jsonl (got {spec!r})")
+    if task_format not in TASK_FORMATS:
+        close = difflib.get_close_matches(task_format, TASK_FORMATS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise LmforgeError(f"unknown task format {task_format!r}{hint} (formats: {', '.join(TASK_FORMATS)})")
+    try:
+        return EvalTask(format=task_format, path=Path(path), num_fewshot=_checked(args.fewshot, "--fewshot", 0),
+                        fewshot_path=args.fewshot_file, limit=_checked(args.limit, "--limit", 1) if args.limit is not None else None)
+    except ValidationError as exc:
+        raise LmforgeError(f"--task {spec}: {exc.errors()[0]['msg']}") from None
+
+
+def _print_eval_summary(report: dict, args) -> None:
+    held_out = report.get("held_out")
+    if held_out and not (args.text or args.task):
+        interval = held_out.get("interval", {}).get("bits_per_byte")
+        spread = f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
+        print(f"validation loss {held_out['loss']:.4f}  perplexity {held_out['perplexity']:.2f}  bits/byte {held_out['bits_per_byte']:.4f}"
+              f"{spread}  bits/char {held_out['bits_per_char']:.4f}  (unigram baseline {held_out['unigram_bits_per_byte']:.4f})")
     for path in args.text:
         scores = report["texts"][Path(path).name]
         print(f"{Path(path).name}: loss {scores['loss']:.4f}  perplexity {scores['perplexity']:.2f}  bits/byte {scores['bits_per_byte']:.4f}")
-    print(f"report: {Path(args.run) / 'eval' / 'report.md'}")
-    return 0
+    from lmforge.evaluation.report import headline_metric
+
+    for name, result in report.get("tasks", {}).items():
+        key, value = headline_metric(result)
+        if key:
+            print(f"{name}: {key} {value:.4f} ({result.get('metrics', {}).get('count', '?')} items)")
 
 
 def _generate(args) -> int:

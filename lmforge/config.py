@@ -145,11 +145,44 @@ class TrainConfig(Section):
         return self
 
 
+TASK_FORMATS = ("arc", "hellaswag", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "mc", "generation", "classification")
+
+
+class EvalTask(Section):
+    """One task file scored by `lmforge eval` (a benchmark, generation or classification set)."""
+
+    format: Literal["arc", "hellaswag", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "mc", "generation", "classification"] = Field(
+        description="Layout of the file: a multiple-choice benchmark (arc, hellaswag, mmlu, truthfulqa_mc1/mc2, or mc = "
+        '{"context","choices","label"}), generation ({"prompt","reference(s)"}) or classification ({"text","label"}).'
+    )
+    path: Path = Field(description="Local JSONL or Parquet file (nothing is downloaded).")
+    name: str | None = Field(None, description="Name in the report (default: format and file name).")
+    num_fewshot: int = Field(0, ge=0, description="Solved examples placed before each multiple-choice question.")
+    fewshot_path: Path | None = Field(None, description="File the few-shot examples come from (default: the task file, never the item itself).")
+    limit: int | None = Field(None, ge=1, description="Score only the first N items.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation tasks: tokens generated per prompt (greedy).")
+    template: str = Field("{text}\nLabel:", description="Classification tasks: the prompt; each label is scored as its continuation.")
+    options: list[str] | None = Field(None, description="Classification tasks: the labels (default: every label found in the file).")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"{self.format}:{Path(self.path).name}"
+
+
 class EvalConfig(Section):
     """Evaluation after pretraining."""
 
     max_batches: int | None = Field(None, ge=1, description="Limit validation to this many batches (default: the whole split).")
     batch_size: int = Field(16, ge=1, description="Sequences per evaluation batch.")
+    stride: int | None = Field(
+        None, ge=1, description="Sliding-window stride in tokens: each window scores this many new tokens with the rest of the "
+        "context before them (default: half the context; the context length gives disjoint windows)."
+    )
+    bootstrap_samples: int = Field(1000, ge=0, description="Document-level bootstrap resamples for confidence intervals (0: none).")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
+    builtin_task: bool = Field(True, description="Score the built-in multiple-choice task made from the held-out documents.")
+    builtin_task_items: int = Field(200, ge=4, description="Questions in the built-in task.")
+    tasks: list[EvalTask] = Field(default_factory=list, description="Benchmark, generation and classification files to score.")
     prompts: list[str] = Field(
         default_factory=lambda: ["The json module", "def ", "Return the"],
         description="Fixed prompts sampled into the report.",
@@ -157,7 +190,7 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(60, ge=1, description="Tokens generated per sample.")
     temperature: float = Field(0.8, ge=0, description="Sampling temperature for the report's samples.")
     top_k: int | None = Field(50, ge=1, description="Top-k for the report's samples.")
-    seed: int = Field(0, description="Sampling seed for the report's samples.")
+    seed: int = Field(0, description="Sampling seed for the report's samples and the bootstrap.")
 
 
 class Recipe(Section):

@@ -8,22 +8,28 @@ import numpy as np
 import torch
 
 from lmforge.config import EvalConfig
-from lmforge.evaluation.intrinsic import score_text, unigram_bits_per_byte
+from lmforge.evaluation.intrinsic import unigram_bits_per_byte
 from lmforge.evaluation.report import evaluate_run, load_for_inference
 from lmforge.tokenizer.shards import load_tokens, read_token_meta
 
 
 def reference_nats(model, ids: np.ndarray, bos_id: int) -> tuple[float, int]:
-    """Independent reference: one window at a time, log-softmax by hand."""
+    """Independent reference: disjoint windows of the context's length, log-softmax by hand.
+
+    The last, partial window is read with a full context before it (as lm-eval's rolling windows do).
+    """
     context = model.config.context_length
     nats, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(ids) - 1, context):
-            window = torch.tensor(np.asarray(ids[start : start + context + 1], dtype=np.int64))
+        for first_target in range(1, len(ids), context):
+            end = min(first_target + context, len(ids))
+            start = max(0, end - 1 - context)
+            window = torch.tensor(np.asarray(ids[start:end], dtype=np.int64))
             log_probs = torch.log_softmax(model(window[None, :-1])[0].double(), dim=-1)
-            for position, target in enumerate(window[1:].tolist()):
+            for position in range(first_target, end):
+                target = int(ids[position])
                 if target != bos_id:
-                    nats -= float(log_probs[position, target])
+                    nats -= float(log_probs[position - start - 1, target])
                     count += 1
     return nats, count
 
@@ -31,17 +37,26 @@ def reference_nats(model, ids: np.ndarray, bos_id: int) -> tuple[float, int]:
 def test_report_scores_equal_an_independent_computation(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    report = evaluate_run(run, EvalConfig(max_batches=None, prompts=["The"], max_new_tokens=5), progress=False, device="cpu")
-    for key in ("val_loss", "val_perplexity", "val_bits_per_byte", "tokens_seen", "parameters", "samples"):
-        assert key in report
     model, _, _ = load_for_inference(run, device="cpu")
+    context = model.config.context_length
+    # With the stride equal to the context, sliding windows are the disjoint windows of the reference.
+    config = EvalConfig(max_batches=None, prompts=["The"], max_new_tokens=5, stride=context, builtin_task=False)
+    report = evaluate_run(run, config, progress=False, device="cpu")
+    for key in ("val_loss", "val_perplexity", "val_bits_per_byte", "val_bits_per_char", "tokens_seen", "parameters", "samples"):
+        assert key in report
     meta = read_token_meta(run / "tokens")
     nats, count = reference_nats(model, load_tokens(run / "tokens", "val"), meta["bos_id"])
-    assert report["val_tokens_scored"] == count
+    held_out = report["held_out"]
+    assert held_out["tokens"] == count and held_out["stride"] == context
+    assert held_out["bytes"] == meta["splits"]["val"]["bytes"] and held_out["chars"] == meta["splits"]["val"]["characters"]
     assert math.isclose(report["val_loss"], nats / count, rel_tol=1e-5)
     assert math.isclose(report["val_perplexity"], math.exp(nats / count), rel_tol=1e-5)
     assert math.isclose(report["val_bits_per_byte"], nats / math.log(2) / meta["splits"]["val"]["bytes"], rel_tol=1e-5)
-    assert "Held-out split" in (run / "eval" / "report.md").read_text()
+    assert math.isclose(report["val_bits_per_char"], nats / math.log(2) / meta["splits"]["val"]["characters"], rel_tol=1e-5)
+    low, high = held_out["interval"]["bits_per_byte"]
+    assert low < report["val_bits_per_byte"] < high and held_out["documents"] == meta["splits"]["val"]["documents"]
+    markdown = (run / "eval" / "report.md").read_text()
+    assert "Held-out split" in markdown and "bits per character" in markdown and "95% interval" in markdown
 
 
 def test_text_file_scores_are_added_to_the_report(trained_run, tmp_path):
@@ -50,7 +65,8 @@ def test_text_file_scores_are_added_to_the_report(trained_run, tmp_path):
     text = "Return a string containing a printable representation of an object. ✓\n" * 20
     notes = tmp_path / "notes.txt"
     notes.write_text(text, encoding="utf-8")
-    result = subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", str(run), "--text", str(notes), "--quiet"],
+    context = str(load_for_inference(run, device="cpu")[0].config.context_length)
+    result = subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", str(run), "--text", str(notes), "--quiet", "--stride", context],
                             capture_output=True, text=True, check=True)
     assert "notes.txt: loss" in result.stdout
     report = json.loads((run / "eval" / "report.json").read_text())
@@ -61,7 +77,8 @@ def test_text_file_scores_are_added_to_the_report(trained_run, tmp_path):
     nats, count = reference_nats(model, ids, tokenizer.bos_id)
     assert scores["tokens"] == count == len(ids) - 1
     assert math.isclose(scores["bits_per_byte"], nats / math.log(2) / len(text.encode()), rel_tol=1e-5)
-    assert math.isclose(score_text(model, tokenizer, text).loss, nats / count, rel_tol=1e-5)
+    assert math.isclose(scores["bits_per_char"], nats / math.log(2) / len(text), rel_tol=1e-5)
+
 
 
 def test_unigram_baseline_by_hand():
