@@ -315,4 +315,8 @@ def recipe_reference() -> str:
         for key, sub in section.model_fields.items():
             default = sub.get_default(call_default_factory=True)
             lines.append(f"| `{section_name}.{key}` | `{default!r}` | {sub.description} |".replace("`None`", "`null`"))
+            if section_name == "eval" and key == "tasks":  # the fields of each list entry
+                for task_key, task_field in EvalTask.model_fields.items():
+                    task_default = "required" if task_field.is_required() else repr(task_field.get_default())
+                    lines.append(f"| `eval.tasks[].{task_key}` | `{task_default}` | {task_field.description} |".replace("`None`", "`null`"))
     return "\n".join(lines)

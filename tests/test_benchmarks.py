@@ -143,10 +143,12 @@ def test_fewshot_examples_are_other_items_drawn_with_the_seed(tmp_path):
         shown = re.findall(r"Question: [^\n]*\nAnswer: [^\n]*\n\n", item.context[: -len(query)])
         assert "".join(shown) == item.context[: -len(query)] and len(set(shown)) == 3
         assert example(row) not in shown and set(shown) <= {example(other) for other in rows}
-    assert [item.context for item in load_benchmark(path, "arc", num_fewshot=3, seed=7)] == [item.context for item in items]
-    assert [item.context for item in load_benchmark(path, "arc", num_fewshot=3, seed=8)] != [item.context for item in items]
-    # An item's examples do not depend on how many items are scored.
-    assert [item.context for item in load_benchmark(path, "arc", num_fewshot=3, seed=7, limit=3)] == [item.context for item in items[:3]]
+
+    def contexts(**settings):
+        return [item.context for item in load_benchmark(path, "arc", num_fewshot=3, **settings)]
+
+    assert contexts(seed=7) == [item.context for item in items] != contexts(seed=8)
+    assert contexts(seed=7, limit=3) == contexts(seed=7)[:3]  # an item's examples do not depend on the limit
 
 
 def test_fewshot_from_a_separate_file_and_never_a_copy_of_the_item(tmp_path):
@@ -197,12 +199,16 @@ def reference_logprob(model, tokenizer, context: str, continuation: str) -> tupl
 
 # Choices of very different lengths in characters, bytes and tokens, so the four rules can disagree.
 SCORED_ROWS = [
-    {"context": "Return the absolute value of", "choices": ["a number.", "x", "the argument, an integer or a float", "é"], "label": 0},
-    {"context": "The for statement is used to iterate over the elements of a", "choices": ["sequence", "déjà vu", "list, tuple or any other iterable object", "z"], "label": 0},
-    {"context": "Exceptions are raised with the", "choices": ["raise statement", "ü", "keyword", "try statement and caught later by except clauses"], "label": 0},
-    {"context": "A function is defined with", "choices": ["def", "the def keyword followed by its name", "class", "ñ"], "label": 1},
-    {"context": "Strings are", "choices": ["immutable", "mutable sequences of bytes", "€", "sequences of Unicode code points"], "label": 3},
-    {"context": "The with statement " * 12 + "calls", "choices": ["__enter__", "__exit__ when the block ends", "nothing", "ö"], "label": 0},
+    {"context": "Return the absolute value of", "label": 0,
+     "choices": ["a number.", "x", "the argument, an integer or a float", "é"]},
+    {"context": "The for statement is used to iterate over the elements of a", "label": 0,
+     "choices": ["sequence", "déjà vu", "list, tuple or any other iterable object", "z"]},
+    {"context": "Exceptions are raised with the", "label": 0,
+     "choices": ["raise statement", "ü", "keyword", "try statement and caught later by except clauses"]},
+    {"context": "A function is defined with", "label": 1, "choices": ["def", "the def keyword followed by its name", "class", "ñ"]},
+    {"context": "Strings are", "label": 3, "choices": ["immutable", "mutable sequences of bytes", "€", "sequences of Unicode code points"]},
+    {"context": "The with statement " * 12 + "calls", "label": 0,  # longer than the window: the oldest tokens go
+     "choices": ["__enter__", "__exit__ when the block ends", "nothing", "ö"]},
 ]
 
 
@@ -280,8 +286,10 @@ def test_stdlib_cloze_is_deterministic_and_made_of_the_documents(trained_run, tm
 
 def test_stdlib_cloze_says_when_it_needs_training_documents(trained_run, tmp_path):
     info = build_stdlib_cloze(trained_run / "data", tmp_path / "big.jsonl", n_items=400, seed=1)
-    assert info["splits"] == ["val", "train"] and info["items_by_split"]["train"] > 0 and "memorisation" in info["note"]
-    assert info["items"] == len(cloze_lines(tmp_path / "big.jsonl")) == sum(info["items_by_split"].values())
+    assert info["splits"] == ["val", "train"] and "memorisation" in info["note"]
+    assert info["items_by_split"]["val"] >= 150 and info["items_by_split"]["train"] > 0  # every held-out item is kept
+    splits = [item["id"].split(":")[0] for item in cloze_lines(tmp_path / "big.jsonl")]
+    assert splits == sorted(splits, key=lambda split: split != "val") and len(splits) == info["items"]
 
 
 def test_tiny_model_scores_the_stdlib_cloze(tiny_model, trained_run, tmp_path):

@@ -19,5 +19,11 @@ def test_default_build_finishes_in_ten_minutes_and_beats_unigram(tmp_path):
     report = json.loads((tmp_path / "default" / "eval" / "report.json").read_text())
     assert report["val_bits_per_byte"] < 0.75 * report["unigram_val_bits_per_byte"]
     assert all(sample["completion"].strip() for sample in report["samples"])
+    low, high = report["held_out"]["interval"]["bits_per_byte"]
+    assert low < report["val_bits_per_byte"] < high and report["held_out"]["bits_per_char"] > 0
+    cloze = report["tasks"]["stdlib-cloze"]["metrics"]
+    assert cloze["acc"] - 2 * cloze["acc_stderr"] > cloze["chance"]  # the built-in task is learnt, not guessed
+    markdown = (tmp_path / "default" / "eval" / "report.md").read_text()
+    assert "stdlib-cloze" in markdown and "## Samples" in markdown and "95% interval" in markdown
     for artifact in ("recipe", "documents", "tokenizer", "token shards", "checkpoints", "evaluation report"):
         assert artifact in result.stdout

@@ -473,8 +473,8 @@ def build_stdlib_cloze(data_dir: Path, out_path: Path, n_items: int = 150, seed:
     the next ``continuation_words`` words, and the three others are the words at the same offsets of
     other documents. Choices are short prose (see ``CLOZE_CHARS_PER_WORD``); documents, places and the
     position of the true choice are drawn with ``seed``. Documents of the "val" split are used; only if
-    they give fewer than ``n_items`` items are "train" documents added (a trained model has seen those),
-    which the result says.
+    they give fewer than ``n_items`` items are "train" documents added (a trained model has seen those):
+    every held-out item is kept, training items fill the rest, and the result says so.
     """
     if n_items < 1 or context_words < 1 or continuation_words < 1:
         raise LmforgeError("the cloze task needs at least one item, one context word and one continuation word")
@@ -519,6 +519,7 @@ def _cloze_items(documents: list[_Document], n_items: int, seed: int, context_wo
     rng = random.Random(seed)
     places = _cloze_places(documents, context_words, continuation_words)
     rng.shuffle(places)
+    places.sort(key=lambda place: documents[place[0]].split != "val")  # held-out places first, still shuffled
     items = []
     for document, offset in places:
         item = _cloze_item(documents, document, offset, context_words, continuation_words, rng)

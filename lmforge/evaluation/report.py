@@ -282,7 +282,7 @@ def plot_validation_loss(run_dir: Path, history: list[dict], out_path: Path) -> 
 
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
     if during:
-        axes.plot(*zip(*during), label="validation during training (disjoint windows)", marker=".", linewidth=1)
+        axes.plot(*zip(*during), label="validation during training (first eval_batches, disjoint windows)", marker=".", linewidth=1)
     if evaluated:
         axes.plot(*zip(*evaluated), label="lmforge eval (sliding windows)", marker="o", linestyle="none")
     axes.set_xlabel("tokens seen")
