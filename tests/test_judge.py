@@ -158,9 +158,9 @@ def test_prompts_from_text_and_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize("content, fragment", [('{"prompt": "ok"}\n{"prompt": \n', "p.jsonl:2: not valid JSON"),
-                                               ('{"prompt": "ok"}\n\n{"text": "x"}\n', "p.jsonl:3: expected an object"),
-                                               ('{"prompt": 5}\n', "p.jsonl:1: \"prompt\" must be"),
-                                               ("\n\n", "holds no prompts")])
+                                               ('{"prompt": "ok"}\n\n{"text": "x"}\n', "p.jsonl:3: missing field 'prompt'"),
+                                               ('{"prompt": 5}\n', "p.jsonl:1: field 'prompt' must be a string"),
+                                               ("\n\n", "holds no prompts"), ("[1, 2]\n", "p.jsonl:1: expected a JSON object")])
 def test_bad_prompt_files_name_the_line(tmp_path, content, fragment):
     path = tmp_path / "p.jsonl"
     path.write_text(content, encoding="utf-8")

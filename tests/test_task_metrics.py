@@ -271,5 +271,5 @@ def test_a_bad_classification_line_names_file_and_line(tmp_path, bad_line, fragm
 def test_a_missing_or_empty_file_is_a_clear_error(tmp_path):
     with pytest.raises(LmforgeError, match="file not found"):
         read_generation_examples(tmp_path / "nope.jsonl")
-    with pytest.raises(LmforgeError, match="holds no classification examples"):
+    with pytest.raises(LmforgeError, match="holds no classification records"):
         read_classification_examples(write_jsonl(tmp_path / "blank.jsonl", ["", " "]))

@@ -27,7 +27,6 @@ runs without any download.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import random
@@ -44,6 +43,7 @@ from tqdm import tqdm
 from lmforge.artifacts import atomic_write_text
 from lmforge.data.stage import iter_documents
 from lmforge.errors import LmforgeError
+from lmforge.evaluation.files import read_jsonl_objects
 from lmforge.evaluation.loglikelihood import score_continuations
 
 FORMATS = ("arc", "hellaswag", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "mc")
@@ -164,24 +164,8 @@ def _iter_rows(path: Path) -> Iterator[_Row]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[_Row]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as lines:
-            for number, raw in enumerate(lines, 1):
-                where = f"{path}:{number}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise LmforgeError(f"{where}: not valid UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    fields = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise LmforgeError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                yield _Row(fields, where, number)
-    except (OSError, EOFError) as exc:
-        raise LmforgeError(f"cannot read {path}: {exc}") from None
+    for number, fields in read_jsonl_objects(path, "benchmark", allow_empty=True):
+        yield _Row(fields, f"{path}:{number}", number)
 
 
 def _json_rows(path: Path) -> Iterator[_Row]:

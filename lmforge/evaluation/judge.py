@@ -32,6 +32,7 @@ import numpy as np
 
 from lmforge.artifacts import atomic_write_json, atomic_write_text, fingerprint, is_up_to_date, read_json, write_manifest
 from lmforge.errors import LmforgeError
+from lmforge.evaluation.files import read_jsonl_objects, read_text_file, string_field
 
 STAGE = "judge"
 ANSWERS, VOTES, REPORT_JSON, REPORT_MD, MANIFEST = "answers.jsonl", "votes.jsonl", "report.json", "report.md", "manifest.json"
@@ -106,31 +107,9 @@ def read_prompts(path: Path) -> list[str]:
     Blank lines are skipped; a bad line is an error naming ``file:line``.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise LmforgeError(f"prompts file not found: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise LmforgeError(f"prompts file {path} is not valid UTF-8 (byte {exc.start})") from None
-    except OSError as exc:
-        raise LmforgeError(f"cannot read prompts file {path}: {exc.strerror}") from None
-    is_jsonl = path.suffix.lower() == ".jsonl"
-    prompts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if not is_jsonl:
-            prompts.append(line)
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmforgeError(f"{path}:{number}: not valid JSON ({exc.msg}); each line must be {{\"prompt\": \"...\"}}") from None
-        if not isinstance(record, dict) or "prompt" not in record:
-            raise LmforgeError(f"{path}:{number}: expected an object with a \"prompt\" key")
-        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-            raise LmforgeError(f"{path}:{number}: \"prompt\" must be a non-empty string")
-        prompts.append(record["prompt"])
+    if path.suffix.lower() == ".jsonl":
+        return [string_field(record, "prompt", f"{path}:{number}") for number, record in read_jsonl_objects(path, "prompts")]
+    prompts = [line for line in read_text_file(path, "prompts").splitlines() if line.strip()]
     if not prompts:
         raise LmforgeError(f"{path} holds no prompts")
     return prompts

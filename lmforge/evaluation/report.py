@@ -12,6 +12,7 @@ import numpy as np
 from lmforge.artifacts import atomic_write_json, atomic_write_text, read_json
 from lmforge.config import EvalConfig, EvalTask
 from lmforge.errors import LmforgeError
+from lmforge.evaluation.files import read_jsonl_objects, read_text_file, string_field
 from lmforge.evaluation.intrinsic import score_document_texts, score_documents, score_text_paragraphs, unigram_bits_per_byte
 from lmforge.inference.generate import SamplingParams, generate
 from lmforge.tokenizer.bpe import Tokenizer
@@ -28,18 +29,6 @@ def load_for_inference(run_or_checkpoint: Path, device: str = "auto"):
     model = load_model(checkpoint, resolve_device(device)).eval()
     tokenizer = Tokenizer.load(checkpoint / "tokenizer")
     return model, tokenizer, checkpoint
-
-
-def read_text_file(path: Path) -> str:
-    path = Path(path)
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LmforgeError(f"text file not found: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise LmforgeError(f"{path} is not valid UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise LmforgeError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def run_folder_of(path: Path) -> Path:
@@ -145,20 +134,7 @@ def _text_scores(model, tokenizer, path: Path, config: EvalConfig, stride: int, 
 
 
 def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
-    texts = []
-    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmforgeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise LmforgeError(f'{path}:{number}: expected an object with a string "{field}" field')
-        texts.append(record[field])
-    if not texts:
-        raise LmforgeError(f"{path} holds no documents")
-    return texts
+    return [string_field(record, field, f"{path}:{number}") for number, record in read_jsonl_objects(path, "document")]
 
 
 BUILTIN_TASK = "stdlib-cloze"

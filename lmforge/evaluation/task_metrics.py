@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.evaluation.files import read_jsonl_objects, string_field
 
 DEFAULT_TEMPLATE = "{text}\nLabel:"
 
@@ -37,44 +38,6 @@ class GenerationExample:
 class ClassificationExample:
     text: str
     label: str
-
-
-def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSONL file."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise LmforgeError(f"{what} file not found: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise LmforgeError(f"{path} is not valid UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise LmforgeError(f"cannot read {path}: {exc.strerror}") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmforgeError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise LmforgeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append((number, record))
-    if not records:
-        raise LmforgeError(f"{path} holds no {what} examples")
-    return records
-
-
-def _text_field(record: dict, key: str, where: str) -> str:
-    if key not in record:
-        raise LmforgeError(f"{where}: missing field {key!r}")
-    value = record[key]
-    if not isinstance(value, str):
-        raise LmforgeError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise LmforgeError(f"{where}: field {key!r} is empty")
-    return value
 
 
 def _reference_list(record: dict, where: str) -> list[str]:
@@ -94,14 +57,14 @@ def _reference_list(record: dict, where: str) -> list[str]:
 
 def read_generation_examples(path: Path) -> list[GenerationExample]:
     """Prompts with their references from a JSONL file; any mistake names the file and line."""
-    return [GenerationExample(_text_field(record, "prompt", f"{path}:{number}"), _reference_list(record, f"{path}:{number}"))
-            for number, record in _read_jsonl(path, "generation")]
+    return [GenerationExample(string_field(record, "prompt", f"{path}:{number}"), _reference_list(record, f"{path}:{number}"))
+            for number, record in read_jsonl_objects(path, "generation")]
 
 
 def read_classification_examples(path: Path) -> list[ClassificationExample]:
     """Texts with their labels from a JSONL file; any mistake names the file and line."""
-    return [ClassificationExample(_text_field(record, "text", f"{path}:{number}"), _text_field(record, "label", f"{path}:{number}"))
-            for number, record in _read_jsonl(path, "classification")]
+    return [ClassificationExample(string_field(record, "text", f"{path}:{number}"), string_field(record, "label", f"{path}:{number}"))
+            for number, record in read_jsonl_objects(path, "classification")]
 
 
 def normalize_answer(text: str) -> str:

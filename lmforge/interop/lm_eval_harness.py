@@ -31,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise LmforgeError("the lm-eval adapter needs lm-eval: pip install lm-eval") from exc
 
 from lmforge.evaluation.loglikelihood import rolling_logprob, score_continuations
+from lmforge.evaluation.task_metrics import fit_prompt
 from lmforge.inference.generate import SamplingParams, generate
 
 
@@ -75,16 +76,11 @@ class LmforgeLM(LM):
             params = SamplingParams(max_new_tokens=int(options.get("max_gen_toks", self.max_gen_toks)),
                                     temperature=float(options.get("temperature", 1.0)) if sampling else 0.0, stop=list(until),
                                     seed=options.get("seed"))
-            context = _fit_prompt(self.tokenizer, context, self.model.config.context_length)
+            # lm-eval truncates over-long prompts from the left too; keep room for at least half a window of answer.
+            window = self.model.config.context_length
+            context = fit_prompt(self.tokenizer, context, window - 1 - min(params.max_new_tokens, window // 2))
             outputs.append("".join(generate(self.model, self.tokenizer, context, params)))
         return outputs
-
-
-def _fit_prompt(tokenizer, prompt: str, context_length: int) -> str:
-    """Keep the end of a prompt too long for the model (lm-eval truncates from the left too), leaving room to generate."""
-    ids = tokenizer.encode(prompt)
-    room = context_length - 1 - max(context_length // 4, 1)  # BOS, and a quarter of the window to generate in
-    return prompt if len(ids) <= room else tokenizer.decode(ids[-room:])
 
 
 def main(argv: list[str] | None = None) -> None:
