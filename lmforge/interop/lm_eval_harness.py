@@ -56,6 +56,18 @@ class LmforgeLM(LM):
         self.stride = int(stride) if stride is not None else None
         self.max_gen_toks = int(max_gen_toks)
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        # lm-eval adds its own --device/--batch_size; a value given in --model_args wins instead of clashing.
+        extra = {key: value for key, value in (additional_config or {}).items() if value is not None and key not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         scored = score_continuations(self.model, self.tokenizer, [request.args for request in requests], self.batch_size)
         return [(result.logprob, result.is_greedy) for result in scored]
