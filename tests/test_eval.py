@@ -94,3 +94,34 @@ def test_eval_of_a_missing_text_file_is_a_clear_error(trained_run, tmp_path):
     result = subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", str(trained_run), "--text", str(tmp_path / "nope.txt")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "text file not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_task_files_from_the_command_line_go_into_the_report(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    generation = tmp_path / "qa.jsonl"
+    generation.write_text('{"prompt": "The json module", "reference": "encodes JSON"}\n'
+                          '{"prompt": "Return the", "references": ["value", "result"]}\n', encoding="utf-8")
+    prompted = tmp_path / "sentiment.jsonl"
+    prompted.write_text('{"text": "I love this module", "label": "positive"}\n{"text": "This is broken", "label": "negative"}\n',
+                        encoding="utf-8")
+    head = tmp_path / "head.jsonl"  # a classifier's own answers: 2 of 3 right, "b" never predicted
+    head.write_text('{"label": "a", "prediction": "a"}\n{"label": "b", "prediction": "a"}\n{"label": "a", "prediction": "a"}\n',
+                    encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", str(run), "--quiet", "--task", f"generation={generation}",
+                             "--task", f"classification={prompted}", "--task", f"classification={head}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run / "eval" / "report.json").read_text())
+    tasks = report["tasks"]
+    assert "val_loss" in report and "held_out" in report  # the full evaluation's numbers stay
+    generated = tasks["generation:qa.jsonl"]
+    assert set(generated["metrics"]) >= {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match", "f1"}
+    assert generated["metrics"]["count"] == 2 and len(generated["examples"]) == 2
+    assert tasks["classification:sentiment.jsonl"]["metrics"]["count"] == 2
+    given = tasks["classification:head.jsonl"]["metrics"]
+    assert given["accuracy"] == 2 / 3 and given["confusion_matrix"] == [[2, 0], [1, 0]] and given["per_class"]["b"]["precision"] == 0
+    items = [json.loads(line) for line in (run / "eval" / "tasks" / "classification_head.jsonl").read_text().splitlines()]
+    assert [row["prediction"] for row in items] == ["a", "a", "a"]
+    markdown = (run / "eval" / "report.md").read_text()
+    assert "### generation:qa.jsonl" in markdown and "| macro_f1 |" in markdown and "Confusion matrix" in markdown
+    assert "classification:head.jsonl: accuracy 0.6667" in result.stdout

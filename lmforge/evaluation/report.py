@@ -179,14 +179,19 @@ def run_task(model, tokenizer, task: EvalTask, config: EvalConfig, out_dir: Path
         from lmforge.evaluation.task_metrics import evaluate_generation, read_generation_examples
 
         examples = read_generation_examples(task.path)[: task.limit]
-        result = evaluate_generation(model, tokenizer, examples, max_new_tokens=task.max_new_tokens, progress=progress)
-        metrics, rows = result["metrics"], result["examples"]
+        # At most half the window goes to the answer, so a small model keeps room for the prompt.
+        max_new_tokens = min(task.max_new_tokens, model.config.context_length // 2)
+        result = evaluate_generation(model, tokenizer, examples, max_new_tokens=max_new_tokens, progress=progress)
+        metrics, rows = {**result["metrics"], "max_new_tokens": max_new_tokens}, result["examples"]
     elif task.format == "classification":
-        from lmforge.evaluation.task_metrics import evaluate_classification, read_classification_examples
+        from lmforge.evaluation import task_metrics
 
-        examples = read_classification_examples(task.path)[: task.limit]
-        result = evaluate_classification(model, tokenizer, examples, options=task.options, template=task.template,
-                                         batch_size=config.batch_size)
+        if task_metrics.has_predictions(task.path):  # a classifier's own answers: scored as given, no prompting
+            result = task_metrics.evaluate_classification_predictions(task.path, task.options)
+        else:
+            examples = task_metrics.read_classification_examples(task.path)[: task.limit]
+            result = task_metrics.evaluate_classification(model, tokenizer, examples, options=task.options, template=task.template,
+                                                          batch_size=config.batch_size)
         metrics, rows = {**result["metrics"], "options": result["options"]}, result["examples"]
     else:
         from lmforge.evaluation.benchmarks import evaluate_benchmark
@@ -199,7 +204,7 @@ def run_task(model, tokenizer, task: EvalTask, config: EvalConfig, out_dir: Path
     summary = {"format": task.format, "path": str(task.path), "num_fewshot": task.num_fewshot, "metrics": metrics,
                "examples": rows[:EXAMPLES_IN_REPORT]}
     if out_dir is not None:
-        safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", task.display_name)
+        safe_name = re.sub(r"\.(jsonl|json|parquet)(\.gz)?$", "", re.sub(r"[^A-Za-z0-9_.-]+", "_", task.display_name))
         atomic_write_text(Path(out_dir) / "tasks" / f"{safe_name}.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         summary["items_file"] = f"tasks/{safe_name}.jsonl"
     return summary
@@ -345,10 +350,29 @@ def render_tasks(tasks: dict) -> list[str]:
         shots = f", {result['num_fewshot']}-shot" if result.get("num_fewshot") else ""
         lines += [f"### {name}", "", f"`{result['format']}` from `{result['path']}`{shots}, {metrics.get('count', '?')} items.", "",
                   "| metric | value |", "| --- | --- |"]
-        for key, value in metrics.items():
-            if key == "count" or key.endswith("_stderr") or not isinstance(value, (int, float)):
+        for key, value in _flat_numbers(metrics):
+            if key == "count" or key.endswith("_stderr"):
                 continue
             stderr = metrics.get(f"{key}_stderr")
             lines.append(f"| {key} | {value:.4f}{f' ± {stderr:.4f}' if isinstance(stderr, (int, float)) else ''} |")
         lines.append("")
+        if metrics.get("confusion_matrix"):
+            labels = metrics["labels"]
+            lines += ["Confusion matrix (rows: true label, columns: predicted):", "",
+                      "| | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
+            lines += [f"| **{label}** | " + " | ".join(str(count) for count in row) + " |" for label, row in zip(labels, metrics["confusion_matrix"])]
+            lines.append("")
     return lines
+
+
+def _flat_numbers(metrics: dict) -> list[tuple[str, float]]:
+    """Top-level numbers, and one level of nested ones as ``macro_f1``; per-class tables are left to the JSON."""
+    flat = []
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            flat.append((key, value))
+        elif isinstance(value, dict) and key in ("macro", "micro"):
+            flat += [(f"{key}_{inner}", number) for inner, number in value.items() if isinstance(number, (int, float))]
+    return flat

@@ -7,8 +7,10 @@ generation metrics are on a 0-100 scale, like BLEU.
 
 Classification examples are JSONL lines ``{"text": ..., "label": ...}``. Without a classification head a
 model classifies by prompting: each label option is scored as the continuation of a template filled with
-the text, and the most likely option wins. ``classification_metrics`` scores any classifier's labels;
-its values are fractions in [0, 1], like scikit-learn's.
+the text, and the most likely option wins. A classifier with its own head (or any other classifier)
+writes its answers as ``{"label": ..., "prediction": ...}`` lines, which are scored as they are.
+``classification_metrics`` scores any classifier's labels; its values are fractions in [0, 1], like
+scikit-learn's.
 """
 
 from __future__ import annotations
@@ -267,3 +269,16 @@ def evaluate_classification(model, tokenizer, examples: Sequence[ClassificationE
     true_labels = [example.label for example in examples]
     return {"metrics": classification_metrics(true_labels, predictions, labels=options), "options": options, "template": template,
             "examples": [{"text": e.text, "label": e.label, "prediction": p} for e, p in zip(examples, predictions)]}
+
+
+def has_predictions(path: Path) -> bool:
+    """Whether a classification file carries a classifier's answers (every line has ``prediction``)."""
+    return all("prediction" in record for _, record in read_jsonl_objects(path, "classification"))
+
+
+def evaluate_classification_predictions(path: Path, options: Sequence[str] | None = None) -> dict:
+    """Score the ``prediction`` of each ``{"label", "prediction"}`` line, e.g. a classification head's output."""
+    rows = [{"label": string_field(record, "label", f"{path}:{number}"), "prediction": string_field(record, "prediction", f"{path}:{number}")}
+            for number, record in read_jsonl_objects(path, "classification")]
+    metrics = classification_metrics([row["label"] for row in rows], [row["prediction"] for row in rows], labels=options)
+    return {"metrics": metrics, "options": metrics["labels"], "examples": rows}
