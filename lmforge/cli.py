@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--stride", type=int, default=None, metavar="TOKENS",
                           help="sliding-window stride (default: the recipe's eval.stride, else half the context)")
     which = evaluate.add_mutually_exclusive_group()
-    which.add_argument("--checkpoint", type=Path, default=None, metavar="DIR", help="evaluate this checkpoint of the run instead of the latest")
+    which.add_argument("--checkpoint", type=Path, default=None, metavar="DIR", help="evaluate this checkpoint (a folder, or a name in RUN/checkpoints/ such as step_00000500) instead of the latest")
     which.add_argument("--all-checkpoints", action="store_true",
                        help="evaluate every kept checkpoint, oldest first, filling the report's table over checkpoints")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -261,6 +261,11 @@ def _eval(args) -> int:
         config = config.model_copy(update={"stride": _checked(args.stride, "--stride", 1)})
     tasks = [_task_from_argument(spec, args) for spec in args.task]
     checkpoints = [args.checkpoint]
+    if args.checkpoint is not None and not args.checkpoint.exists():
+        by_name = run_folder_of(args.run) / "checkpoints" / args.checkpoint.name
+        if not by_name.exists():
+            raise LmforgeError(f"no checkpoint {args.checkpoint} (nor {by_name})")
+        checkpoints = [by_name]  # a name such as step_00000500
     if args.all_checkpoints:
         checkpoints = list_checkpoints(run_folder_of(args.run) / "checkpoints")
         if not checkpoints:

@@ -130,6 +130,20 @@ def test_all_checkpoints_fill_the_table_and_the_plot(trained_run, tmp_path):
     assert report["texts"]["docs.jsonl"]["documents"] == 3 and len(report["history"]) >= len(steps)
 
 
+def test_a_named_checkpoint_is_the_one_evaluated(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    oldest = sorted((run / "checkpoints").glob("step_*"))[0]
+    step = int(oldest.name.split("_")[1])
+    for args in ([str(oldest)], [str(run), "--checkpoint", oldest.name]):
+        (run / "eval" / "report.json").unlink(missing_ok=True)
+        subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", *args, "--quiet"], check=True, capture_output=True)
+        report = json.loads((run / "eval" / "report.json").read_text())
+        assert report["step"] == step and report["checkpoint"] == str(oldest)
+    result = subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", str(run), "--checkpoint", "step_404"], capture_output=True, text=True)
+    assert result.returncode == 2 and "no checkpoint step_404" in result.stderr
+
+
 def test_bad_eval_arguments_are_one_line_errors(trained_run, tmp_path):
     def lmforge(*args):
         return subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", str(trained_run), *args], capture_output=True, text=True)

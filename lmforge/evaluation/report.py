@@ -50,7 +50,10 @@ def evaluate_run(run_dir: Path, config: EvalConfig, texts: list[Path] = (), task
     under their names. Every full evaluation is also appended to ``eval/history.jsonl``, the table over
     checkpoints.
     """
-    run_dir = run_folder_of(run_dir)
+    given = Path(run_dir)
+    run_dir = run_folder_of(given)
+    if checkpoint is None and given != run_dir and given.name != "checkpoints":
+        checkpoint = given  # a checkpoint folder was named: evaluate that one, report into its run
     model, tokenizer, checkpoint = load_for_inference(checkpoint or run_dir, device)
     dtype = resolve_precision("auto", next(model.parameters()).device)
     out_dir = run_dir / "eval"
