@@ -266,6 +266,9 @@ def _eval(args) -> int:
         if not by_name.exists():
             raise LmforgeError(f"no checkpoint {args.checkpoint} (nor {by_name})")
         checkpoints = [by_name]  # a name such as step_00000500
+    if args.all_checkpoints and (args.text or args.task):
+        raise LmforgeError("--all-checkpoints fills the table over checkpoints with full evaluations; "
+                           "score --text/--task files on one checkpoint at a time (--checkpoint)")
     if args.all_checkpoints:
         checkpoints = list_checkpoints(run_folder_of(args.run) / "checkpoints")
         if not checkpoints:
@@ -277,7 +280,9 @@ def _eval(args) -> int:
         # Earlier checkpoints of --all-checkpoints fill the history; samples are drawn for the last one only.
         report = evaluate_run(args.run, config, texts=args.text, tasks=tasks, progress=not args.quiet, device=args.device,
                               checkpoint=checkpoint, samples=last)
-    _print_eval_summary(report, args)
+    from lmforge.evaluation.report import summary_lines
+
+    print("\n".join(summary_lines(report)))
     print(f"report: {run_folder_of(args.run) / 'eval' / 'report.md'}")
     return 0
 
@@ -305,24 +310,6 @@ def _task_from_argument(spec: str, args):
                         fewshot_path=args.fewshot_file, limit=_checked(args.limit, "--limit", 1) if args.limit is not None else None)
     except ValidationError as exc:
         raise LmforgeError(f"--task {spec}: {exc.errors()[0]['msg']}") from None
-
-
-def _print_eval_summary(report: dict, args) -> None:
-    held_out = report.get("held_out")
-    if held_out and not (args.text or args.task):
-        interval = held_out.get("interval", {}).get("bits_per_byte")
-        spread = f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""
-        print(f"validation loss {held_out['loss']:.4f}  perplexity {held_out['perplexity']:.2f}  bits/byte {held_out['bits_per_byte']:.4f}"
-              f"{spread}  bits/char {held_out['bits_per_char']:.4f}  (unigram baseline {held_out['unigram_bits_per_byte']:.4f})")
-    for path in args.text:
-        scores = report["texts"][Path(path).name]
-        print(f"{Path(path).name}: loss {scores['loss']:.4f}  perplexity {scores['perplexity']:.2f}  bits/byte {scores['bits_per_byte']:.4f}")
-    from lmforge.evaluation.report import headline_metric
-
-    for name, result in report.get("tasks", {}).items():
-        key, value = headline_metric(result)
-        if key:
-            print(f"{name}: {key} {value:.4f} ({result.get('metrics', {}).get('count', '?')} items)")
 
 
 def _generate(args) -> int:

@@ -151,16 +151,17 @@ TASK_FORMATS = ("arc", "hellaswag", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2", 
 class EvalTask(Section):
     """One task file scored by `lmforge eval` (a benchmark, generation or classification set)."""
 
-    format: Literal["arc", "hellaswag", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "mc", "generation", "classification"] = Field(
+    format: Literal[TASK_FORMATS] = Field(  # type: ignore[valid-type]
         description="Layout of the file: a multiple-choice benchmark (arc, hellaswag, mmlu, truthfulqa_mc1/mc2, or mc = "
         '{"context","choices","label"}), generation ({"prompt","reference(s)"}) or classification ({"text","label"}).'
     )
-    path: Path = Field(description="Local JSONL or Parquet file (nothing is downloaded).")
+    path: Path = Field(description="Local file, relative to the recipe: JSONL (benchmarks also JSON or Parquet); nothing is downloaded.")
     name: str | None = Field(None, description="Name in the report (default: format and file name).")
     num_fewshot: int = Field(0, ge=0, description="Solved examples placed before each multiple-choice question.")
     fewshot_path: Path | None = Field(None, description="File the few-shot examples come from (default: the task file, never the item itself).")
     limit: int | None = Field(None, ge=1, description="Score only the first N items.")
-    max_new_tokens: int = Field(64, ge=1, description="Generation tasks: tokens generated per prompt (greedy).")
+    max_new_tokens: int = Field(64, ge=1, description="Generation tasks: most tokens per answer (greedy, to the end of the line; "
+                                "at most half the context).")
     template: str = Field("{text}\nLabel:", description="Classification tasks: the prompt; each label is scored as its continuation.")
     options: list[str] | None = Field(None, description="Classification tasks: the labels (default: every label found in the file).")
 
@@ -180,7 +181,8 @@ class EvalConfig(Section):
     )
     bootstrap_samples: int = Field(1000, ge=0, description="Document-level bootstrap resamples for confidence intervals (0: none).")
     confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
-    builtin_task: bool = Field(True, description="Score the built-in multiple-choice task made from the held-out documents.")
+    builtin_task: bool = Field(True, description="Score the built-in multiple-choice task made from the run's documents "
+                               "(held-out ones first; the report says if training ones were needed).")
     builtin_task_items: int = Field(200, ge=4, description="Questions in the built-in task.")
     tasks: list[EvalTask] = Field(default_factory=list, description="Benchmark, generation and classification files to score.")
     prompts: list[str] = Field(
@@ -279,7 +281,7 @@ def load_raw_recipe(spec: str | Path | None) -> tuple[dict, str]:
 
 
 def load_recipe(spec: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Load, override and validate a recipe. Relative data sources resolve against the recipe's folder."""
+    """Load, override and validate a recipe. Relative data sources and task files resolve against the recipe's folder."""
     raw, source = load_raw_recipe(spec)
     if spec is not None and Path(spec).exists():
         base = Path(spec).resolve().parent
@@ -289,6 +291,11 @@ def load_recipe(spec: str | Path | None = None, overrides: dict[str, Any] | None
                 s if not isinstance(s, str) or s == "stdlib" or s.startswith("stdlib:") or Path(s).is_absolute() else str(base / s)
                 for s in sources
             ]
+        tasks = raw.get("eval", {}).get("tasks") if isinstance(raw.get("eval"), dict) else None
+        for task in tasks if isinstance(tasks, list) else []:
+            for key in ("path", "fewshot_path"):
+                if isinstance(task, dict) and isinstance(task.get(key), str) and not Path(task[key]).is_absolute():
+                    task[key] = str(base / task[key])
     apply_overrides(raw, overrides or {})
     return validate_recipe(raw, source)
 

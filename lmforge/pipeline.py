@@ -77,7 +77,7 @@ def run_pretrain(recipe: Recipe, layout: RunLayout, progress: bool = True, force
 
 
 def run_eval(recipe: Recipe, layout: RunLayout, progress: bool = True, force: bool = False) -> str:
-    from lmforge.evaluation.report import evaluate_run, headline_metric
+    from lmforge.evaluation.report import evaluate_run, summary_lines
     from lmforge.training.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(layout.root)
@@ -88,13 +88,7 @@ def run_eval(recipe: Recipe, layout: RunLayout, progress: bool = True, force: bo
     _say("eval: scoring the held-out split and sampling")
     report = evaluate_run(layout.root, recipe.eval, progress=progress, device=recipe.train.device)
     write_manifest(layout.eval, "eval", section, inputs, {k: report[k] for k in ("val_loss", "val_bits_per_byte", "step")})
-    interval = report["held_out"].get("interval", {}).get("bits_per_byte")
-    spread = f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
-    tasks = "".join(f"; {name} {metric} {value:.3f}" for name, (metric, value) in
-                    ((name, headline_metric(result)) for name, result in report.get("tasks", {}).items()) if metric)
-    return (f"eval: validation loss {report['val_loss']:.4f}, perplexity {report['val_perplexity']:.1f}, "
-            f"{report['val_bits_per_byte']:.3f}{spread} bits/byte (unigram baseline {report['unigram_val_bits_per_byte']:.3f}){tasks} "
-            f"-> {layout.eval / 'report.md'}")
+    return "eval: " + "; ".join(summary_lines(report)) + f" -> {layout.eval / 'report.md'}"
 
 
 RUNNERS = {"data": run_data, "tokenizer": run_tokenizer, "tokens": run_tokens, "pretrain": run_pretrain, "eval": run_eval}

@@ -125,3 +125,52 @@ def test_task_files_from_the_command_line_go_into_the_report(trained_run, tmp_pa
     markdown = (run / "eval" / "report.md").read_text()
     assert "### generation:qa.jsonl" in markdown and "| macro_f1 |" in markdown and "Confusion matrix" in markdown
     assert "classification:head.jsonl: accuracy 0.6667" in result.stdout
+
+
+def write_data_folder(folder, texts):
+    """A data stage folder as the data stage leaves it: gzipped JSONL shards and a manifest."""
+    import gzip
+
+    from lmforge.artifacts import write_manifest
+
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "val-00000.jsonl.gz", "wt", encoding="utf-8") as handle:
+        for index, text in enumerate(texts):
+            handle.write(json.dumps({"id": f"doc{index}", "text": text, "source": "test", "chars": len(text)}) + "\n")
+    write_manifest(folder, "data", {"documents": len(texts)}, {}, {})
+
+
+RUSSIAN = ("Модуль позволяет читать и записывать данные в простом текстовом формате, который легко понять человеку и "
+           "удобно обрабатывать программе, если соблюдать несколько правил оформления строк и полей в каждой записи файла")
+
+
+def test_the_builtin_task_works_beyond_english_and_steps_aside_when_it_cannot(trained_run, tmp_path):
+    from lmforge.evaluation.report import _builtin_task
+
+    _, tokenizer, _ = load_for_inference(trained_run, device="cpu")
+    config = EvalConfig(builtin_task_items=20)
+    russian = tmp_path / "ru"
+    write_data_folder(russian / "data", [" ".join(RUSSIAN.split()[i:] + RUSSIAN.split()[:i]) for i in range(8)])
+    tasks, info = _builtin_task(russian, config, tokenizer, context_length=4096)
+    assert tasks and info["items"] > 0 and info["items_by_split"]["val"] == info["items"] + info["dropped_as_too_long"]
+    # Cached: the same settings reuse the questions, other settings rebuild them.
+    assert _builtin_task(russian, config, tokenizer, context_length=4096)[1] == info
+    assert _builtin_task(russian, EvalConfig(builtin_task_items=5), tokenizer, context_length=4096)[1]["items"] <= 5
+
+    tiny = tmp_path / "tiny"
+    write_data_folder(tiny / "data", ["Only two documents here, far too few for four choices.", "The second one."])
+    tasks, info = _builtin_task(tiny, config, tokenizer, context_length=4096)
+    assert tasks == [] and info["skipped"].startswith("built-in task skipped")
+
+
+def test_task_paths_in_a_recipe_are_relative_to_the_recipe(tmp_path, monkeypatch):
+    from lmforge.config import load_recipe
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text("eval:\n  tasks:\n    - {format: arc, path: data/arc.jsonl, fewshot_path: data/dev.jsonl}\n"
+                                      "    - {format: mc, path: /abs/mc.jsonl}\n")
+    monkeypatch.chdir(tmp_path)
+    first, second = load_recipe(folder / "mine.yaml").eval.tasks
+    assert first.path == folder / "data" / "arc.jsonl" and first.fewshot_path == folder / "data" / "dev.jsonl"
+    assert str(second.path) == "/abs/mc.jsonl"

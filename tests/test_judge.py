@@ -4,6 +4,7 @@ import _thread
 import argparse
 import io
 import json
+import shutil
 import math
 import socket
 import sys
@@ -192,6 +193,8 @@ def test_bad_command_lines(tmp_path, checkpoints, prompts_file):
     a, b = checkpoints
     with pytest.raises(LmforgeError, match="at least two models"):
         run_judge(parse(a, "--prompts", prompts_file))
+    with pytest.raises(LmforgeError, match="are the same checkpoint"):
+        resolve_contenders([checkpoints[-1], checkpoints[-1].parent.parent])  # a run folder is its latest checkpoint
     with pytest.raises(LmforgeError, match="given twice"):
         resolve_contenders([a, a.parent / ".." / a.parent.name / a.name])
     with pytest.raises(LmforgeError, match="prompts file not found"):
@@ -399,7 +402,10 @@ def free_port() -> int:
 
 
 def test_browser_command_on_three_real_models_stops_with_ctrl_c(tmp_path, trained_run, checkpoints, prompts_file, capsys):
-    models = [*checkpoints, trained_run]  # the run folder resolves to its latest checkpoint: a third, repeated contender
+    # A third contender: a copy of the latest checkpoint in another run folder (same weights, a different model to judge).
+    other_run = tmp_path / "other" / "tiny"
+    shutil.copytree(checkpoints[-1], other_run / "checkpoints" / checkpoints[-1].name)
+    models = [*checkpoints, other_run]
     contenders = resolve_contenders(models)
     out, port = tmp_path / "judged", free_port()
     args = parse(*models, "--prompts", prompts_file, "--out", out, "--ui", "browser", "--port", port, "--max-new-tokens", 8,

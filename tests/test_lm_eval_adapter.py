@@ -98,7 +98,7 @@ def lm_eval_run(trained_run, tmp_path_factory):
         (tasks / f"{name}.yaml").write_text(template.format(path=data), encoding="utf-8")
     # Offline, with the datasets cache inside the test folder: nothing may come from a hub.
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / "hf")}
-    command = [sys.executable, "-m", "lmforge.interop.lm_eval_harness", "run", "--model", "lmforge",
+    command = [sys.executable, "-m", "lmforge.interop.lm_eval_harness", "--model", "lmforge",
                "--model_args", f"pretrained={trained_run}", "--batch_size", "4", "--tasks",
                "lmforge_adapter_mc,lmforge_adapter_rolling,lmforge_adapter_generate", "--include_path", str(tasks),
                "--output_path", str(folder / "out"), "--log_samples"]
@@ -190,7 +190,7 @@ def published_formats_run(trained_run, tmp_path_factory):
             f"include: {shipped}/{include}\ntask: {task}\ntag: []\ndataset_path: json\ndataset_name: null\n"
             f"dataset_kwargs:\n  data_files:\n{data_files}training_split: null\nnum_fewshot: {shots}\n", encoding="utf-8")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / "hf")}
-    command = [sys.executable, "-m", "lmforge.interop.lm_eval_harness", "run", "--model", "lmforge", "--model_args",
+    command = [sys.executable, "-m", "lmforge.interop.lm_eval_harness", "--model", "lmforge", "--model_args",
                f"pretrained={trained_run},device=cpu", "--tasks", ",".join(PUBLISHED), "--include_path", str(tasks),
                "--output_path", str(folder / "out"), "--log_samples"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

@@ -42,11 +42,12 @@ from tqdm import tqdm
 
 from lmforge.artifacts import atomic_write_text
 from lmforge.data.stage import iter_documents
+from lmforge.config import TASK_FORMATS
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.files import read_jsonl_objects
 from lmforge.evaluation.loglikelihood import score_continuations
 
-FORMATS = ("arc", "hellaswag", "mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "mc")
+FORMATS = tuple(name for name in TASK_FORMATS if name not in ("generation", "classification"))  # the multiple-choice ones
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 FEWSHOT_DELIMITER = "\n\n"
 # lm-eval shows MMLU's few-shot examples in file order (its "first_n" sampler); other tasks sample them.
@@ -444,7 +445,8 @@ def evaluate_benchmark(model, tokenizer, path: Path, format: str, num_fewshot: i
 # line break apart, at most this many characters a word on average. Code and tables would take a small
 # tokenizer a token a character, and choices could be told apart by their form alone.
 CLOZE_CHARS_PER_WORD = 10
-_PROSE_WORD = re.compile(r"[\"'(]?[A-Za-z][a-z'-]*[\"'),.;:?!]*")
+# A letter of any script first, then letters that are not ASCII capitals (so no CamelCase identifiers).
+_PROSE_WORD = re.compile(r"[\"'(]?[^\W\d_](?:[^\W\d_A-Z]|['-])*[\"'),.;:?!]*")
 _PROSE_SPACING = re.compile(r"\S+(?:[ \n]\S+)*")
 
 

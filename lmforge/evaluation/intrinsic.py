@@ -13,6 +13,7 @@ to be in the evaluation set.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,9 +74,14 @@ class DocumentScores:
         if len(self.nats) >= 2 and bootstrap_samples > 0:
             rng = np.random.default_rng(seed)
             n = len(self.nats)
-            # Each row counts how often each document is drawn in one resample of n documents.
-            draws = rng.multinomial(n, np.full(n, 1.0 / n), size=bootstrap_samples).astype(np.float64)
-            resampled = _ratios(draws @ self.nats, draws @ self.tokens, draws @ self.bytes, draws @ self.chars)
+            totals = np.stack([self.nats, self.tokens, self.bytes, self.chars])  # (4, documents)
+            resampled_totals = []
+            # Each row of a draw counts how often each document is picked in one resample of n documents;
+            # drawn a hundred resamples at a time so memory stays small with many documents.
+            for start in range(0, bootstrap_samples, 100):
+                draws = rng.multinomial(n, np.full(n, 1.0 / n), size=min(100, bootstrap_samples - start))
+                resampled_totals.append(draws @ totals.T)  # (resamples, 4)
+            resampled = _ratios(*np.concatenate(resampled_totals).T)
             tail = (1 - confidence) / 2 * 100
             result["confidence"] = confidence
             result["bootstrap_samples"] = bootstrap_samples
@@ -155,14 +161,8 @@ def score_text_paragraphs(model, tokenizer, text: str, stride: int | None = None
     ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id], dtype=np.int64)
     n_bytes, _ = token_text_lengths(tokenizer)
     token_starts = np.concatenate([[0], np.cumsum(n_bytes[ids])[:-1]])  # byte offset where each token begins
-    raw = text.encode("utf-8")
-    boundaries, position = [], raw.find(b"\n\n")
-    while position >= 0:
-        end = position
-        while end < len(raw) and raw[end : end + 1] in (b"\n", b"\r"):
-            end += 1
-        boundaries.append(end)
-        position = raw.find(b"\n\n", end)
+    # A paragraph ends after a run of blank lines (LF or CRLF, blank meaning at most spaces and tabs).
+    boundaries = [match.end() for match in re.finditer(rb"\r?\n(?:[ \t]*\r?\n)+", text.encode("utf-8"))]
     paragraph = np.searchsorted(np.asarray(boundaries, dtype=np.int64), token_starts, side="right")
     paragraph[-1] = paragraph[-2] if len(ids) > 1 else 0  # the EOS belongs to the last paragraph
     return score_documents(model, tokenizer, ids, document_of_token=paragraph, stride=stride, batch_size=batch_size, dtype=dtype)

@@ -72,7 +72,7 @@ def checkpoint_label(checkpoint: Path) -> str:
 
 
 def unique_names(labels: list[str]) -> list[str]:
-    """Number labels that repeat (a run folder and its latest checkpoint): tiny-step30-1, tiny-step30-2."""
+    """Number labels that repeat (runs of the same name in two work folders): tiny-step30-1, tiny-step30-2."""
     seen, names = {}, []
     for label in labels:
         if labels.count(label) == 1:
@@ -96,6 +96,12 @@ def resolve_contenders(paths: list[Path]) -> list[Contender]:
             raise LmforgeError(f"{path} is given twice (as {seen[path.resolve()]} too); the models to judge must be different paths")
         seen[path.resolve()] = path
     checkpoints = [resolve_checkpoint(path) for path in paths]
+    by_checkpoint: dict[Path, Path] = {}
+    for path, checkpoint in zip(paths, checkpoints):
+        if checkpoint.resolve() in by_checkpoint:
+            raise LmforgeError(f"{path} and {by_checkpoint[checkpoint.resolve()]} are the same checkpoint ({checkpoint}); "
+                               "judging a model against itself shows identical answers")
+        by_checkpoint[checkpoint.resolve()] = path
     names = unique_names([checkpoint_label(checkpoint) for checkpoint in checkpoints])
     return [Contender(name, path, checkpoint, fingerprint(verify_checkpoint(checkpoint)["files"]))
             for name, path, checkpoint in zip(names, paths, checkpoints)]
@@ -107,7 +113,7 @@ def read_prompts(path: Path) -> list[str]:
     Blank lines are skipped; a bad line is an error naming ``file:line``.
     """
     path = Path(path)
-    if path.suffix.lower() == ".jsonl":
+    if path.name.lower().endswith((".jsonl", ".jsonl.gz")):
         return [string_field(record, "prompt", f"{path}:{number}") for number, record in read_jsonl_objects(path, "prompts")]
     prompts = [line for line in read_text_file(path, "prompts").splitlines() if line.strip()]
     if not prompts:
@@ -822,7 +828,7 @@ def make_judge_server(session: JudgingSession, models: list[dict], port: int = 0
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": f"the body must be 1 to {MAX_BODY_BYTES} bytes"})
             try:
                 body = json.loads(self.rfile.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # deep nesting is a bad body too
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": "the body is not valid JSON"})
             if not isinstance(body, dict) or "pair_id" not in body or "choice" not in body:
                 return self._json(HTTPStatus.BAD_REQUEST, {"error": "expected {\"pair_id\": ..., \"choice\": 1, 2, \"tie\" or \"skip\"}"})

@@ -48,11 +48,27 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _target_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log P(target) at every position, whether the target is the most likely token), both (B, T) on the CPU.
+
+    Only these two numbers per position leave the device, never the (B, T, vocab) distribution.
+    """
+    from lmforge.training.device import autocast
+
+    device = _model_device(model)
+    inputs, targets = inputs.to(device), targets.to(device)
+    with autocast(device, dtype):
+        logits = model(inputs)
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    chosen = log_probs.gather(2, targets[..., None]).squeeze(-1)
+    greedy = log_probs.argmax(dim=-1) == targets
+    return chosen.double().cpu(), greedy.cpu()
+
+
 @torch.no_grad()
-def score_token_pairs(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16) -> list[Continuation]:
+def score_token_pairs(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16, dtype=None) -> list[Continuation]:
     """Score ``(context_ids, continuation_ids)`` pairs; the context must hold at least one token (BOS)."""
     context_length = model.config.context_length
-    device = _model_device(model)
     was_training = model.training
     model.eval()
     results: list[Continuation | None] = [None] * len(pairs)
@@ -66,24 +82,23 @@ def score_token_pairs(model, pairs: Sequence[tuple[list[int], list[int]]], batch
             if not context_ids:
                 raise LmforgeError("a scored text needs at least one context token (BOS)")
             if not continuation_ids:
-                raise LmforgeError("a continuation encodes to no tokens; there is nothing to score")
+                raise LmforgeError(f"request {i + 1}: its continuation encodes to no tokens; there is nothing to score")
             if len(continuation_ids) > context_length:
-                raise LmforgeError(f"a continuation of {len(continuation_ids)} tokens does not fit the model's context of {context_length}")
+                raise LmforgeError(f"request {i + 1}: a continuation of {len(continuation_ids)} tokens does not fit the model's "
+                                   f"context of {context_length}")
             sequence = (context_ids + continuation_ids)[-(context_length + 1) :]
-            inputs = sequence[:-1]
-            rows.append(inputs)
-            spans.append((len(inputs) - len(continuation_ids), continuation_ids))
-        width = max(len(r) for r in rows)
-        batch = torch.zeros((len(rows), width), dtype=torch.long)
+            rows.append(sequence)
+            spans.append((len(sequence) - 1 - len(continuation_ids), len(continuation_ids)))
+        width = max(len(row) for row in rows) - 1
+        inputs = torch.zeros((len(rows), width), dtype=torch.long)
+        targets = torch.zeros((len(rows), width), dtype=torch.long)
         for r, row in enumerate(rows):
-            batch[r, : len(row)] = torch.tensor(row)  # right padding: causal attention never looks at it
-        log_probs = F.log_softmax(model(batch.to(device)).float(), dim=-1).cpu()
-        for r, (i, (start, continuation_ids)) in enumerate(zip(indices, spans)):
-            positions = log_probs[r, start : start + len(continuation_ids)]
-            targets = torch.tensor(continuation_ids)
-            logprob = float(positions.gather(1, targets[:, None]).sum())
-            greedy = bool((positions.argmax(dim=-1) == targets).all())
-            results[i] = Continuation(logprob, greedy, len(continuation_ids))
+            # Right padding: causal attention never lets a real position see it.
+            inputs[r, : len(row) - 1] = torch.tensor(row[:-1])
+            targets[r, : len(row) - 1] = torch.tensor(row[1:])
+        chosen, greedy = _target_logprobs(model, inputs, targets, dtype)
+        for r, (i, (start, length)) in enumerate(zip(indices, spans)):
+            results[i] = Continuation(float(chosen[r, start : start + length].sum()), bool(greedy[r, start : start + length].all()), length)
     model.train(was_training)
     return results  # type: ignore[return-value]
 
@@ -119,39 +134,25 @@ def token_logprobs(model, ids: Sequence[int], stride: int | None = None, batch_s
     so each token after the first context's worth sees at least ``context_length - stride`` tokens.
     ``progress``, if given, is a tqdm-like bar advanced once per window.
     """
-    from lmforge.training.device import autocast
-
     context_length = model.config.context_length
     stride = stride or context_length
-    device = _model_device(model)
     ids_tensor = torch.as_tensor(ids, dtype=torch.long)
     out = torch.empty(max(len(ids) - 1, 0), dtype=torch.float64)
     was_training = model.training
     model.eval()
     windows = list(sliding_windows(len(ids), context_length, stride))
+    # Every window is context_length + 1 tokens long except, in a short sequence, the only one.
     for first in range(0, len(windows), batch_size):
         group = windows[first : first + batch_size]
-        # Windows of one batch share a width except the last, shorter one: give it its own batch.
-        for same_width in _by_width(group):
-            inputs = torch.stack([ids_tensor[start : end - 1] for start, end, _ in same_width]).to(device)
-            with autocast(device, dtype):
-                logits = model(inputs)
-            log_probs = F.log_softmax(logits.float(), dim=-1)
-            for row, (start, end, first_scored) in enumerate(same_width):
-                targets = ids_tensor[start + 1 : end].to(device)
-                chosen = log_probs[row].gather(1, targets[:, None]).squeeze(1).double().cpu()
-                out[first_scored - 1 : end - 1] = chosen[first_scored - start - 1 :]
-            if progress is not None:
-                progress.update(len(same_width))
+        inputs = torch.stack([ids_tensor[start : end - 1] for start, end, _ in group])
+        targets = torch.stack([ids_tensor[start + 1 : end] for start, end, _ in group])
+        chosen, _ = _target_logprobs(model, inputs, targets, dtype)
+        for row, (start, end, first_scored) in enumerate(group):
+            out[first_scored - 1 : end - 1] = chosen[row, first_scored - start - 1 :]
+        if progress is not None:
+            progress.update(len(group))
     model.train(was_training)
     return out
-
-
-def _by_width(windows: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
-    groups: dict[int, list] = {}
-    for window in windows:
-        groups.setdefault(window[1] - window[0], []).append(window)
-    yield from groups.values()
 
 
 def count_windows(n_tokens: int, context_length: int, stride: int) -> int:

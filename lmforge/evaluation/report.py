@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +62,14 @@ def evaluate_run(run_dir: Path, config: EvalConfig, texts: list[Path] = (), task
     trainer_state = read_json(checkpoint / "trainer_state.json", what="trainer state")
     stride = _stride(config, model.config.context_length)
     additions_only = bool(texts or tasks)
+    # Check every requested file before the long scoring, so a typo does not cost the held-out work.
+    for path in texts:
+        read_text_file(path)
+    all_tasks = [*tasks] if additions_only else [*config.tasks]
+    for task in all_tasks:
+        check_task(task)
+    names = task_names(all_tasks)
+    scored_by = {"checkpoint": str(checkpoint), "step": trainer_state["step"]}
 
     if additions_only and report_path.exists():
         report = read_json(report_path, what="eval report")
@@ -73,17 +82,20 @@ def evaluate_run(run_dir: Path, config: EvalConfig, texts: list[Path] = (), task
                 raise LmforgeError(f"{run_dir} has no tokens/ with a validation split; score a file with --text FILE instead")
             report["held_out"] = _held_out_scores(model, tokenizer, tokens_dir, config, stride, dtype, progress)
             report.update(_legacy_keys(report["held_out"]))
-            tasks = [*_builtin_task(run_dir, config, tokenizer, model.config.context_length), *config.tasks]
+            builtin, report["builtin_task"] = _builtin_task(run_dir, config, tokenizer, model.config.context_length)
+            all_tasks = [*builtin, *all_tasks]
+            names = task_names(all_tasks)
             if samples:
                 report["samples"] = _samples(model, tokenizer, config)
     for path in texts:
         started = time.perf_counter()
         scores = _text_scores(model, tokenizer, Path(path), config, stride, dtype)
-        report.setdefault("texts", {})[Path(path).name] = {**scores, "path": str(path), "seconds": round(time.perf_counter() - started, 2)}
-    for task in tasks:
+        report.setdefault("texts", {})[_text_name(report, Path(path))] = {
+            **scores, "path": str(path), **scored_by, "seconds": round(time.perf_counter() - started, 2)}
+    for task, name in zip(all_tasks, names):
         started = time.perf_counter()
-        result = run_task(model, tokenizer, task, config, out_dir, progress)
-        report.setdefault("tasks", {})[task.display_name] = {**result, "seconds": round(time.perf_counter() - started, 2)}
+        result = run_task(model, tokenizer, task, config, out_dir, progress, name)
+        report.setdefault("tasks", {})[name] = {**result, **scored_by, "seconds": round(time.perf_counter() - started, 2)}
     report["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if not additions_only:
         append_history(out_dir, report)
@@ -125,13 +137,24 @@ def _held_out_scores(model, tokenizer, tokens_dir: Path, config: EvalConfig, str
             "bits_per_byte_vs_unigram": scores["bits_per_byte"] / unigram}
 
 
+def _text_name(report: dict, path: Path) -> str:
+    """The file's name, or its parent/name when another file of that name was scored already."""
+    earlier = report.get("texts", {}).get(path.name)
+    if earlier is None or Path(earlier["path"]).resolve() == path.resolve():
+        return path.name
+    return f"{path.parent.name}/{path.name}"
+
+
 def _text_scores(model, tokenizer, path: Path, config: EvalConfig, stride: int, dtype) -> dict:
-    """A .jsonl file is a set of documents (its ``text`` field); any other file is one text, bootstrapped by paragraph."""
-    if path.suffix == ".jsonl":
+    """A .jsonl(.gz) file is a set of documents (its ``text`` field); any other file is one text, bootstrapped by paragraph."""
+    if path.name.lower().endswith((".jsonl", ".jsonl.gz")):
         documents = score_document_texts(model, tokenizer, read_jsonl_texts(path), stride, config.batch_size, dtype)
         unit = "document"
     else:
-        documents = score_text_paragraphs(model, tokenizer, read_text_file(path), stride, config.batch_size, dtype)
+        text = read_text_file(path)
+        if not text.strip():
+            raise LmforgeError(f"{path} is empty: there is no text to score")
+        documents = score_text_paragraphs(model, tokenizer, text, stride, config.batch_size, dtype)
         unit = "paragraph"
     return {**documents.summary(config.bootstrap_samples, config.confidence, config.seed), "bootstrap_unit": unit}
 
@@ -143,34 +166,80 @@ def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
 BUILTIN_TASK = "stdlib-cloze"
 
 
-def _builtin_task(run_dir: Path, config: EvalConfig, tokenizer, context_length: int) -> list[EvalTask]:
-    """The built-in multiple-choice task, made once per run from its held-out documents.
+def _builtin_task(run_dir: Path, config: EvalConfig, tokenizer, context_length: int) -> tuple[list[EvalTask], dict | None]:
+    """The built-in multiple-choice task, made from the run's documents, and how it was made.
 
-    Items whose choices take more than half the model's context are dropped, so every question is
-    scored with at least as much context as answer.
+    The questions are rebuilt when the documents, the settings or the model's context change. Items
+    whose choices take more than half the context are dropped, so every question is scored with at least
+    as much context as answer. A corpus that yields no questions (too few documents, little prose)
+    skips the task with a note instead of failing the evaluation.
     """
-    if not config.builtin_task or not (run_dir / "data" / "manifest.json").exists():
-        return []
+    data_manifest = run_dir / "data" / "manifest.json"
+    if not config.builtin_task or not data_manifest.exists():
+        return [], None
     from lmforge.evaluation.benchmarks import build_stdlib_cloze
 
     path = run_dir / "eval" / f"{BUILTIN_TASK}.jsonl"
-    if not path.exists():
+    info_path = path.with_suffix(".json")
+    settings = {"items": config.builtin_task_items, "seed": config.seed, "context_length": context_length,
+                "data": read_json(data_manifest, what="data manifest").get("fingerprint")}
+    info = read_json(info_path, what="built-in task settings") if info_path.exists() and path.exists() else {}
+    if info.get("settings") != settings:
         built = run_dir / "eval" / f".{BUILTIN_TASK}.all.jsonl"
-        build_stdlib_cloze(run_dir / "data", built, n_items=config.builtin_task_items, seed=config.seed)
+        try:
+            made = build_stdlib_cloze(run_dir / "data", built, n_items=config.builtin_task_items, seed=config.seed)
+        except LmforgeError as exc:
+            note = f"built-in task skipped: {exc}"
+            print(f"eval: {note}", file=sys.stderr)
+            return [], {"skipped": note}
         lines = [line for line in built.read_text(encoding="utf-8").splitlines()
                  if max(len(tokenizer.encode(" " + choice)) for choice in json.loads(line)["choices"]) <= context_length // 2]
-        if not lines:
-            raise LmforgeError(f"every question of the built-in task is too long for a {context_length}-token context; "
-                               "set eval.builtin_task: false")
-        atomic_write_text(path, "\n".join(lines) + "\n")
         built.unlink()
-    return [EvalTask(format="mc", path=path, name=BUILTIN_TASK)]
+        if not lines:
+            note = f"built-in task skipped: every question is too long for a {context_length}-token context"
+            print(f"eval: {note}", file=sys.stderr)
+            return [], {"skipped": note}
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        made = {key: made[key] for key in ("items_by_split", "splits", "note") if key in made}
+        info = {"settings": settings, **made, "items": len(lines), "dropped_as_too_long": sum(made["items_by_split"].values()) - len(lines)}
+        atomic_write_json(info_path, info)
+    return [EvalTask(format="mc", path=path, name=BUILTIN_TASK)], info
+
+
+def check_task(task: EvalTask) -> None:
+    """Read a task's files now, so a missing or malformed file fails before any scoring."""
+    if task.format == "generation":
+        from lmforge.evaluation.task_metrics import read_generation_examples
+
+        read_generation_examples(task.path)
+    elif task.format == "classification":
+        from lmforge.evaluation.task_metrics import fill_template
+
+        read_jsonl_objects(task.path, "classification")
+        fill_template(task.template, "")
+    else:
+        from lmforge.evaluation.benchmarks import load_benchmark
+
+        load_benchmark(task.path, task.format, task.num_fewshot, task.fewshot_path, task.limit)
+
+
+def task_names(tasks: list[EvalTask]) -> list[str]:
+    """Report names: ``format:file``, or ``format:folder/file`` where two tasks share a file name; never two alike."""
+    names = [task.display_name for task in tasks]
+    shared = {name for name in names if names.count(name) > 1}
+    names = [f"{task.format}:{Path(task.path).parent.name}/{Path(task.path).name}" if task.name is None and name in shared else name
+             for task, name in zip(tasks, names)]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise LmforgeError(f"two tasks would both be reported as {repeated[0]!r}; give them different names (eval.tasks[].name)")
+    return names
 
 
 EXAMPLES_IN_REPORT = 3
 
 
-def run_task(model, tokenizer, task: EvalTask, config: EvalConfig, out_dir: Path | None = None, progress: bool = False) -> dict:
+def run_task(model, tokenizer, task: EvalTask, config: EvalConfig, out_dir: Path | None = None, progress: bool = False,
+             name: str | None = None) -> dict:
     """Score one task file: ``{"format", "path", "num_fewshot", "metrics", "examples"}``.
 
     The report keeps a few examples; with ``out_dir``, every item's prediction and scores go to
@@ -190,7 +259,7 @@ def run_task(model, tokenizer, task: EvalTask, config: EvalConfig, out_dir: Path
         from lmforge.evaluation import task_metrics
 
         if task_metrics.has_predictions(task.path):  # a classifier's own answers: scored as given, no prompting
-            result = task_metrics.evaluate_classification_predictions(task.path, task.options)
+            result = task_metrics.evaluate_classification_predictions(task.path, task.options, task.limit)
         else:
             examples = task_metrics.read_classification_examples(task.path)[: task.limit]
             result = task_metrics.evaluate_classification(model, tokenizer, examples, options=task.options, template=task.template,
@@ -207,7 +276,7 @@ def run_task(model, tokenizer, task: EvalTask, config: EvalConfig, out_dir: Path
     summary = {"format": task.format, "path": str(task.path), "num_fewshot": task.num_fewshot, "metrics": metrics,
                "examples": rows[:EXAMPLES_IN_REPORT]}
     if out_dir is not None:
-        safe_name = re.sub(r"\.(jsonl|json|parquet)(\.gz)?$", "", re.sub(r"[^A-Za-z0-9_.-]+", "_", task.display_name))
+        safe_name = re.sub(r"\.(jsonl|json|parquet)(\.gz)?$", "", re.sub(r"[^A-Za-z0-9_.-]+", "_", name or task.display_name))
         atomic_write_text(Path(out_dir) / "tasks" / f"{safe_name}.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         summary["items_file"] = f"tasks/{safe_name}.jsonl"
     return summary
@@ -238,6 +307,27 @@ def read_history(out_dir: Path) -> list[dict]:
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             latest[record["step"]] = record
     return [latest[step] for step in sorted(latest)]
+
+
+def summary_lines(report: dict) -> list[str]:
+    """One line for the held-out scores, one per scored text and one per task."""
+    lines = []
+    held_out = report.get("held_out")
+    if held_out:
+        interval = held_out.get("interval", {}).get("bits_per_byte")
+        spread = f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+        lines.append(f"validation loss {held_out['loss']:.4f}, perplexity {held_out['perplexity']:.1f}, "
+                     f"{held_out['bits_per_byte']:.3f}{spread} bits/byte, {held_out['bits_per_char']:.3f} bits/char "
+                     f"(unigram baseline {held_out['unigram_bits_per_byte']:.3f} bits/byte)")
+    for name, scores in report.get("texts", {}).items():
+        lines.append(f"{name}: loss {scores['loss']:.4f}, perplexity {scores['perplexity']:.2f}, {scores['bits_per_byte']:.4f} bits/byte")
+    for name, result in report.get("tasks", {}).items():
+        key, value = headline_metric(result)
+        if key:
+            lines.append(f"{name}: {key} {value:.4f} ({result.get('metrics', {}).get('count', '?')} items)")
+    if (report.get("builtin_task") or {}).get("skipped"):
+        lines.append(report["builtin_task"]["skipped"])
+    return lines
 
 
 def headline_metric(result: dict) -> list:
@@ -282,7 +372,11 @@ def _samples(model, tokenizer, config: EvalConfig) -> list[dict]:
     for index, prompt in enumerate(config.prompts):
         params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
                                 seed=config.seed + index)
-        samples.append({"prompt": prompt, "completion": "".join(generate(model, tokenizer, prompt, params))})
+        from lmforge.evaluation.task_metrics import fit_prompt
+
+        # A prompt longer than the window keeps its end, leaving room for the sample.
+        fitted = fit_prompt(tokenizer, prompt, max(model.config.context_length - 1 - config.max_new_tokens, model.config.context_length // 2))
+        samples.append({"prompt": prompt, "completion": "".join(generate(model, tokenizer, fitted, params))})
     return samples
 
 
@@ -315,8 +409,8 @@ def render_markdown(report: dict, run_dir: Path) -> str:
                          f"{_interval(scores, 'bits_per_byte')} | {scores.get('bits_per_char', float('nan')):.4f} | {scores['tokens']:,} | "
                          f"{scores.get('documents', 1)} {scores.get('bootstrap_unit', 'document')}s |")
         lines.append("")
-    if report.get("tasks"):
-        lines += render_tasks(report["tasks"])
+    if report.get("tasks") or report.get("builtin_task"):
+        lines += render_tasks(report.get("tasks", {}), report.get("builtin_task"), report["step"])
     history = report.get("history", [])
     if len(history) > 1 or (history and held_out is None):
         lines += ["## Over checkpoints", "", "| step | tokens seen | loss | bits per byte | interval | tasks |", "| --- | --- | --- | --- | --- | --- |"]
@@ -346,13 +440,20 @@ def _number(value, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
 
 
-def render_tasks(tasks: dict) -> list[str]:
+def render_tasks(tasks: dict, builtin: dict | None = None, report_step: int | None = None) -> list[str]:
     lines = ["## Tasks", ""]
+    if builtin and builtin.get("skipped"):
+        lines += [f"The {builtin['skipped']}.", ""]
     for name, result in tasks.items():
         metrics = result.get("metrics", {})
         shots = f", {result['num_fewshot']}-shot" if result.get("num_fewshot") else ""
-        lines += [f"### {name}", "", f"`{result['format']}` from `{result['path']}`{shots}, {metrics.get('count', '?')} items.", "",
-                  "| metric | value |", "| --- | --- |"]
+        step = f" Scored at step {result['step']:,}." if result.get("step") not in (None, report_step) else ""
+        lines += [f"### {name}", "", f"`{result['format']}` from `{result['path']}`{shots}, {metrics.get('count', '?')} items.{step}", ""]
+        if name == BUILTIN_TASK and builtin and not builtin.get("skipped"):
+            splits = ", ".join(f"{count} from the {split} split" for split, count in builtin.get("items_by_split", {}).items())
+            lines += [f"Four-way cloze questions made from this run's documents ({splits}); chance is 25%."
+                      + (f" Note: {builtin['note']}." if builtin.get("note") else ""), ""]
+        lines += ["| metric | value |", "| --- | --- |"]
         for key, value in _flat_numbers(metrics):
             if key == "count" or key.endswith("_stderr"):
                 continue

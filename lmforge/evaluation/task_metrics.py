@@ -24,10 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.config import EvalTask
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.files import read_jsonl_objects, string_field
 
-DEFAULT_TEMPLATE = "{text}\nLabel:"
+DEFAULT_TEMPLATE = EvalTask.model_fields["template"].default
 
 
 @dataclass(frozen=True)
@@ -276,9 +277,9 @@ def has_predictions(path: Path) -> bool:
     return all("prediction" in record for _, record in read_jsonl_objects(path, "classification"))
 
 
-def evaluate_classification_predictions(path: Path, options: Sequence[str] | None = None) -> dict:
-    """Score the ``prediction`` of each ``{"label", "prediction"}`` line, e.g. a classification head's output."""
+def evaluate_classification_predictions(path: Path, options: Sequence[str] | None = None, limit: int | None = None) -> dict:
+    """Score the ``prediction`` of each ``{"label", "prediction"}`` line (the first ``limit``), e.g. a classification head's output."""
     rows = [{"label": string_field(record, "label", f"{path}:{number}"), "prediction": string_field(record, "prediction", f"{path}:{number}")}
-            for number, record in read_jsonl_objects(path, "classification")]
+            for number, record in read_jsonl_objects(path, "classification")[:limit]]
     metrics = classification_metrics([row["label"] for row in rows], [row["prediction"] for row in rows], labels=options)
     return {"metrics": metrics, "options": metrics["labels"], "examples": rows}

@@ -10,7 +10,7 @@ through lm-eval and the same task scored by ``lmforge eval`` agree exactly:
 lm-eval has no plugin entry point for models, so the class registers itself as ``lmforge`` when this
 module is imported. From the shell, run lm-eval through this module::
 
-    python -m lmforge.interop.lm_eval_harness run --model lmforge --model_args pretrained=runs/default \
+    python -m lmforge.interop.lm_eval_harness --model lmforge --model_args pretrained=runs/default \
         --tasks my_task --include_path my_tasks/
 
 It needs ``pip install lm-eval`` (not a dependency of lmforge).
