@@ -113,6 +113,13 @@ def test_bradley_terry_orders_three_models_transitively():
     assert ratings["strong"] > ratings["middle"] > ratings["weak"]
     assert sum(ratings.values()) / 3 == pytest.approx(1000)
     assert not ratings_need_prior(votes, names)
+    # At the maximum of the likelihood each model's expected wins equal its actual wins (the score equations).
+    games = {("strong", "middle"): 4, ("middle", "weak"): 4, ("strong", "weak"): 5}
+    wins = {"strong": 7, "middle": 4, "weak": 2}
+    for name in names:
+        expected = sum(n / (1 + 10 ** ((ratings[b if a == name else a] - ratings[name]) / 400))
+                       for (a, b), n in games.items() if name in (a, b))
+        assert expected == pytest.approx(wins[name], abs=1e-6)
     intervals = bootstrap_rating_intervals(votes, names, samples=300, seed=1)
     for name in names:
         low, high = intervals[name]
