@@ -228,3 +228,24 @@ def test_published_formats_build_lm_evals_prompts_and_scores(published_formats_r
         if "acc_norm,none" in theirs:
             assert theirs["acc_norm,none"] == ours["acc_norm"]
 
+
+
+def test_our_scorer_equals_lm_evals_transformers_backend_on_the_exported_model(trained_run, tmp_path):
+    """An independent implementation: lm-eval's HFLM, transformers' Llama and the tokenizer through transformers."""
+    pytest.importorskip("accelerate")  # lm-eval's HF backend imports it
+    from types import SimpleNamespace
+
+    from lm_eval.models.huggingface import HFLM
+
+    from lmforge.evaluation.loglikelihood import score_continuations
+    from lmforge.interop.hf import export_hf
+
+    export_hf(trained_run, tmp_path / "hf")
+    peer = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", dtype="float32", batch_size=4, add_bos_token=True)
+    requests = [(item["context"], " " + choice) for item in ITEMS for choice in item["choices"]]
+    requests += [(" ".join(["The json module"] * 30), " encodes JSON.")]  # longer than the window: both keep the end
+    model, tokenizer, _ = load_for_inference(trained_run, device="cpu")
+    ours = score_continuations(model, tokenizer, requests, batch_size=3)
+    theirs = peer.loglikelihood([SimpleNamespace(args=request) for request in requests], disable_tqdm=True)
+    assert [score.logprob for score in ours] == pytest.approx([logprob for logprob, _ in theirs], abs=1e-4)
+    assert [score.is_greedy for score in ours] == [greedy for _, greedy in theirs]
