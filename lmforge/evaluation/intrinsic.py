@@ -12,6 +12,7 @@ to be in the evaluation set.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -99,10 +100,12 @@ def _ratios(nats, tokens, text_bytes, chars) -> dict:
             "bits_per_char": bits / np.maximum(chars, 1)}
 
 
+@functools.lru_cache(maxsize=4)
 def token_text_lengths(tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(UTF-8 bytes, characters) each token id contributes to decoded text; special tokens contribute none.
 
-    A character is counted at its first byte, so a character split across tokens counts once.
+    A character is counted at its first byte, so a character split across tokens counts once. Cached per
+    tokenizer: it walks the whole vocabulary, and every scored text needs it.
     """
     special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
     n_bytes = np.zeros(tokenizer.vocab_size, dtype=np.int64)
@@ -113,6 +116,8 @@ def token_text_lengths(tokenizer) -> tuple[np.ndarray, np.ndarray]:
         raw = tokenizer.token_bytes(token_id)
         n_bytes[token_id] = len(raw)
         n_chars[token_id] = sum(1 for byte in raw if byte & 0xC0 != 0x80)  # not a UTF-8 continuation byte
+    n_bytes.setflags(write=False)  # shared through the cache
+    n_chars.setflags(write=False)
     return n_bytes, n_chars
 
 

@@ -368,14 +368,15 @@ def plot_validation_loss(run_dir: Path, history: list[dict], out_path: Path) -> 
 
 
 def _samples(model, tokenizer, config: EvalConfig) -> list[dict]:
+    from lmforge.evaluation.task_metrics import fit_prompt
+
+    window = model.config.context_length
     samples = []
     for index, prompt in enumerate(config.prompts):
         params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
                                 seed=config.seed + index)
-        from lmforge.evaluation.task_metrics import fit_prompt
-
         # A prompt longer than the window keeps its end, leaving room for the sample.
-        fitted = fit_prompt(tokenizer, prompt, max(model.config.context_length - 1 - config.max_new_tokens, model.config.context_length // 2))
+        fitted = fit_prompt(tokenizer, prompt, max(window - 1 - config.max_new_tokens, window // 2))
         samples.append({"prompt": prompt, "completion": "".join(generate(model, tokenizer, fitted, params))})
     return samples
 
