@@ -18,15 +18,22 @@ from lmforge.evaluation.intrinsic import score_document_texts, score_documents, 
 from lmforge.inference.generate import SamplingParams, generate
 from lmforge.tokenizer.bpe import Tokenizer
 from lmforge.tokenizer.shards import load_tokens, read_token_meta
-from lmforge.training.checkpoint import COMMIT_MARKER, load_model, resolve_checkpoint
+from lmforge.training.checkpoint import COMMIT_MARKER, load_model, resolve_chat_checkpoint, resolve_checkpoint
 from lmforge.training.device import resolve_device, resolve_precision
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
 
-def load_for_inference(run_or_checkpoint: Path, device: str = "auto"):
-    """(model, tokenizer, checkpoint folder) from a run folder or a checkpoint folder."""
-    checkpoint = resolve_checkpoint(Path(run_or_checkpoint))
+def load_for_inference(run_or_checkpoint: Path, device: str = "auto", prefer_finetuned: bool = False):
+    """(model, tokenizer, checkpoint folder) from a run folder or a checkpoint folder.
+
+    With ``prefer_finetuned`` a run folder gives its chat fine-tuned checkpoint when it has one
+    (serving and chat); otherwise the pretrained one (evaluation, export).
+    """
+    if prefer_finetuned:
+        checkpoint = resolve_chat_checkpoint(Path(run_or_checkpoint))[0]
+    else:
+        checkpoint = resolve_checkpoint(Path(run_or_checkpoint))
     model = load_model(checkpoint, resolve_device(device)).eval()
     tokenizer = Tokenizer.load(checkpoint / "tokenizer")
     return model, tokenizer, checkpoint

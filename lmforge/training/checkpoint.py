@@ -263,6 +263,25 @@ def resolve_checkpoint(path: Path) -> Path:
     raise LmforgeError(f"{path} holds no checkpoint (train one with `lmforge pretrain` or `lmforge run`)")
 
 
+FINETUNED_DIR = "sft"  # RUN/sft/checkpoints/ holds the chat fine-tuned model (lmforge finetune sft)
+
+
+def resolve_chat_checkpoint(path: Path) -> tuple[Path, bool]:
+    """(checkpoint, is_finetuned) for serving and chat: a run's fine-tuned assistant when it has one.
+
+    A checkpoint folder is taken as given; a run folder gives RUN/sft/checkpoints' latest valid
+    checkpoint, else the pretrained one (a base model, which continues text rather than answers).
+    """
+    path = Path(path)
+    finetuned_root = path / FINETUNED_DIR / "checkpoints"
+    if finetuned_root.is_dir():
+        found = latest_valid_checkpoint(finetuned_root)
+        if found is not None:
+            return found, True
+    checkpoint = resolve_checkpoint(path)
+    return checkpoint, checkpoint.parent.parent.name == FINETUNED_DIR
+
+
 def read_model_config(folder: Path) -> DecoderConfig:
     config = read_json(Path(folder) / "config.json", what="model config")
     if config.get("architecture") != "decoder":
