@@ -195,6 +195,48 @@ class EvalConfig(Section):
     seed: int = Field(0, description="Sampling seed for the report's samples and the bootstrap.")
 
 
+LORA_TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class FinetuneConfig(Section):
+    """Chat fine-tuning (SFT) of the pretrained model on conversations: `lmforge finetune sft`, and a stage of `lmforge run` when enabled."""
+
+    enabled: bool = Field(False, description="Run SFT as the last stage of `lmforge run` (`lmforge finetune sft` runs it either way).")
+    dataset: str = Field(
+        "stdlib", description="Conversations: `stdlib` (built in: a question about each standard-library function and class, answered "
+        'by its docstring\'s first sentence) or a JSONL file of {"messages": [{"role", "content"}, ...]} lines, relative to the recipe.'
+    )
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of conversations held out (by a hash) for validation loss and the answer scores.")
+    eval_questions: int = Field(100, ge=0, description="Held-out questions answered (greedy) and scored with ROUGE-L and exact match before and after SFT.")
+    max_new_tokens: int = Field(64, ge=1, description="Most tokens per scored answer (it also ends with the answer's end token or the context).")
+    max_steps: int | None = Field(300, ge=1, description="Stop after this many optimizer steps.")
+    max_minutes: float | None = Field(None, gt=0, description="Stop after this much training wall-clock time (validation and scoring excluded).")
+    batch_size: int = Field(16, ge=1, description="Rows (of context-length tokens, packed with conversations) per optimizer step.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (warmup, then cosine decay to train.min_lr_ratio of it).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup length in optimizer steps.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay of the trained matrices.")
+    eval_interval: int = Field(100, ge=1, description="Validate on the held-out conversations every this many steps.")
+    lora_rank: int = Field(0, ge=0, description="Rank of LoRA adapters (0: full fine-tuning, every weight not frozen trains).")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: the update is (lora_alpha / lora_rank) B A.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        description="Projections that get adapters, in every block not frozen (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).",
+    )
+    freeze_layers: int = Field(0, ge=0, description="Freeze the token embedding and the first this many blocks (with LoRA: no adapters there).")
+    merge_adapter: bool = Field(True, description="With LoRA: checkpoints hold the merged weights; false: the pretrained weights plus "
+                                "adapter.safetensors, added at load.")
+    pack: bool = Field(True, description="Pack several short conversations into each row (false: one per row, padded).")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "FinetuneConfig":
+        if self.max_steps is None and self.max_minutes is None:
+            raise ValueError("set at least one of max_steps or max_minutes")
+        unknown = [name for name in self.lora_targets if name not in LORA_TARGETABLE]
+        if unknown or not self.lora_targets:
+            raise ValueError(f"lora_targets must name some of {', '.join(LORA_TARGETABLE)} (got {self.lora_targets})")
+        return self
+
+
 class Recipe(Section):
     """A whole build: a name and one section per stage."""
 
@@ -204,6 +246,7 @@ class Recipe(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
 
 PACKAGED_RECIPES = ("default", "tiny", "gpt2-small")
@@ -291,6 +334,10 @@ def load_recipe(spec: str | Path | None = None, overrides: dict[str, Any] | None
                 s if not isinstance(s, str) or s == "stdlib" or s.startswith("stdlib:") or Path(s).is_absolute() else str(base / s)
                 for s in sources
             ]
+        finetune = raw.get("finetune")
+        dataset = finetune.get("dataset") if isinstance(finetune, dict) else None
+        if isinstance(dataset, str) and dataset != "stdlib" and not Path(dataset).is_absolute():
+            finetune["dataset"] = str(base / dataset)
         tasks = raw.get("eval", {}).get("tasks") if isinstance(raw.get("eval"), dict) else None
         for task in tasks if isinstance(tasks, list) else []:
             for key in ("path", "fewshot_path"):

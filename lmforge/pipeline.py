@@ -12,7 +12,7 @@ from pathlib import Path
 from lmforge.artifacts import RunLayout, atomic_write_text, file_sha256, is_up_to_date, read_manifest, write_manifest
 from lmforge.config import Recipe, recipe_to_yaml
 
-STAGES = ("data", "tokenizer", "tokens", "pretrain", "eval")
+STAGES = ("data", "tokenizer", "tokens", "pretrain", "eval", "sft")
 
 
 def layout_for(recipe: Recipe, workdir: Path) -> RunLayout:
@@ -91,7 +91,26 @@ def run_eval(recipe: Recipe, layout: RunLayout, progress: bool = True, force: bo
     return "eval: " + "; ".join(summary_lines(report)) + f" -> {layout.eval / 'report.md'}"
 
 
-RUNNERS = {"data": run_data, "tokenizer": run_tokenizer, "tokens": run_tokens, "pretrain": run_pretrain, "eval": run_eval}
+def run_sft(recipe: Recipe, layout: RunLayout, progress: bool = True, force: bool = False, explicit: bool = False) -> str:
+    """Chat fine-tuning; in ``lmforge run`` only when ``finetune.enabled`` (``explicit``: asked for by name)."""
+    if not (explicit or recipe.finetune.enabled):
+        return "sft: skipped (finetune.enabled is false; `lmforge finetune sft` fine-tunes a chat assistant)"
+    from lmforge.finetune.sft import run_sft as fine_tune
+
+    if not force:
+        _say("sft: fine-tuning on conversations (Ctrl-C saves a checkpoint; the same command resumes)")
+    result = fine_tune(recipe, layout, progress=progress, fresh=force)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    report, before, after = result.report, result.report["before"], result.report["after"]
+    state = "up to date" if result.skipped else f"{report['training']['step']:,} steps in {report['seconds']['total']:.0f} s"
+    scores = (f"; ROUGE-L {before['rougeL']:.1f} -> {after['rougeL']:.1f}, exact match {before['exact_match']:.1f} -> "
+              f"{after['exact_match']:.1f} on {report['questions']} held-out questions") if "rougeL" in after else ""
+    return (f"sft: {state}, held-out answer loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}{scores} "
+            f"-> {result.folder / 'report.md'}")
+
+
+RUNNERS = {"data": run_data, "tokenizer": run_tokenizer, "tokens": run_tokens, "pretrain": run_pretrain, "eval": run_eval, "sft": run_sft}
 
 
 def run_all(recipe: Recipe, layout: RunLayout, progress: bool = True, fresh: bool = False) -> list[str]:

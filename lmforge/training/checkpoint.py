@@ -89,9 +89,13 @@ def save_checkpoint(
     tokenizer_dir: Path,
     keep: int,
     ranks: Ranks | None = None,
+    export=None,
 ) -> Path:
     """Write and commit ``root/step_N``; then prune to the newest ``keep`` committed checkpoints.
 
+    ``export(weights) -> (weights, extra files)``, when given, turns the model's full state dict into
+    what ``model.safetensors`` holds (e.g. a LoRA-wrapped model's merged weights) plus files
+    ({name: bytes}) stored and hashed with the checkpoint (e.g. the adapter).
     Collective under torchrun: every rank calls it, rank 0 writes. A failure (disk full, a non-finite
     tensor) removes the partial folder and raises on every rank; the previous checkpoints stay intact.
     """
@@ -102,7 +106,8 @@ def save_checkpoint(
     problem = None
     if ranks.is_main:
         try:
-            _write_checkpoint(root, final, step, model.config, weights, optimizer_state, trainer_state, tokenizer_dir, keep)
+            weights, extra_files = export(weights) if export is not None else (weights, {})
+            _write_checkpoint(root, final, step, model.config, weights, optimizer_state, trainer_state, tokenizer_dir, keep, extra_files)
         except LmforgeError as exc:
             problem = str(exc)
         except OSError as exc:
@@ -115,7 +120,7 @@ def save_checkpoint(
     return final
 
 
-def _write_checkpoint(root, final, step, model_config, weights, optimizer_state, trainer_state, tokenizer_dir, keep) -> None:
+def _write_checkpoint(root, final, step, model_config, weights, optimizer_state, trainer_state, tokenizer_dir, keep, extra_files) -> None:
     if model_config.tie_embeddings:
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}  # stored once, as the embedding
     optimizer_tensors = _optimizer_tensors(optimizer_state) if optimizer_state is not None else {}
@@ -137,6 +142,8 @@ def _write_checkpoint(root, final, step, model_config, weights, optimizer_state,
             state["optimizer_param_groups"] = optimizer_state["param_groups"]
         state["torch_rng_state"] = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
         atomic_write_json(staging / "trainer_state.json", state)
+        for name, data in extra_files.items():
+            (staging / name).write_bytes(data)
         _fsync_tree(staging)
         files = {str(p.relative_to(staging)): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         atomic_write_json(staging / COMMIT_MARKER, {"format_version": CHECKPOINT_FORMAT, "stage": "checkpoint", "step": step, "files": files,
@@ -303,7 +310,13 @@ def _read_weights(folder: Path, config: DecoderConfig) -> dict[str, torch.Tensor
 
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> Decoder:
-    """Build the model a checkpoint describes and load its weights (the checkpoint is verified first)."""
+    """Build the model a checkpoint describes and load its weights (the checkpoint is verified first).
+
+    A fine-tuned checkpoint whose LoRA adapter was kept apart (``adapter.safetensors``) gets it added
+    to its weights here, so every user of the model sees the fine-tuned one.
+    """
+    from lmforge.finetune.lora import apply_saved_adapter
+
     folder = Path(folder)
     verify_checkpoint(folder)
     model = Decoder(read_model_config(folder))
@@ -311,12 +324,16 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> Decoder:
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise LmforgeError(f"{folder}/model.safetensors does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    apply_saved_adapter(model, folder)
     return model.to(device)
 
 
-def load_training_state(folder: Path | None, model: Decoder, optimizer: torch.optim.Optimizer, ranks: Ranks | None = None) -> dict:
+def load_training_state(folder: Path | None, model: Decoder, optimizer: torch.optim.Optimizer, ranks: Ranks | None = None,
+                        weights_of=None) -> dict:
     """Restore weights, optimizer and RNG from a checkpoint; return the trainer state.
 
+    ``weights_of(folder)``, when given, supplies the model's full state dict instead of the checkpoint's
+    ``model.safetensors`` (e.g. base weights plus a LoRA adapter stored beside them).
     Collective under torchrun: rank 0 verifies and reads ``folder`` (other ranks may pass None) and
     the full state is broadcast and resharded onto however many ranks this run has.
     """
@@ -326,7 +343,7 @@ def load_training_state(folder: Path | None, model: Decoder, optimizer: torch.op
     weights, optimizer_state, state, problem = {}, {}, None, None
     if ranks.is_main:
         try:
-            weights, optimizer_state, state = _read_training_state(Path(folder), model)
+            weights, optimizer_state, state = _read_training_state(Path(folder), model, weights_of)
         except LmforgeError as exc:
             problem = str(exc)
     problem, state = ranks.broadcast((problem, state))
@@ -339,7 +356,7 @@ def load_training_state(folder: Path | None, model: Decoder, optimizer: torch.op
     return state
 
 
-def _read_training_state(folder: Path, model: Decoder) -> tuple[dict, dict, dict]:
+def _read_training_state(folder: Path, model: Decoder, weights_of=None) -> tuple[dict, dict, dict]:
     manifest = verify_checkpoint(folder)
     if manifest.get("format_version") != CHECKPOINT_FORMAT:
         raise LmforgeError(f"checkpoint {folder} was written by an older lmforge (format {manifest.get('format_version')}); "
@@ -349,7 +366,7 @@ def _read_training_state(folder: Path, model: Decoder) -> tuple[dict, dict, dict
         differences = {k: (v, getattr(model.config, k)) for k, v in saved.to_dict().items() if getattr(model.config, k) != v}
         detail = ", ".join(f"{k}: checkpoint {a} vs recipe {b}" for k, (a, b) in differences.items())
         raise LmforgeError(f"checkpoint {folder} was trained with a different model config ({detail}); use a new run name or --fresh")
-    weights = _read_weights(folder, saved)
+    weights = _read_weights(folder, saved) if weights_of is None else weights_of(folder)
     state = read_json(folder / "trainer_state.json", what="trainer state")
     optimizer_state = _optimizer_state(load_file(str(folder / "optimizer.safetensors")), state.pop("optimizer_param_groups"))
     return weights, optimizer_state, state
