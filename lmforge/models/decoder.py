@@ -6,7 +6,9 @@ Parameter names are the Hugging Face `LlamaForCausalLM` names (``model.layers.0.
 
 The model knows nothing of training, distribution or serving. For cached decoding it accepts any
 object with an ``offset`` (tokens already cached) and ``update(layer_index, k, v) -> (k, v)`` (see
-``lmforge.inference.kv_cache``).
+``lmforge.inference.kv_cache``). A cache whose rows are at different positions (the engine's slot cache)
+also has ``positions`` (B, T), each token's position, and ``attention_mask`` (B, 1, T, S), which cached
+keys each query may see; the model uses them instead of ``offset`` when they are not None.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def rotary_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tenso
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, heads, T, head_dim) by per-position angles; cos/sin are (T, head_dim)."""
+    """Rotate (B, heads, T, head_dim) by per-position angles; cos/sin are (T, head_dim) or per row (B, 1, T, head_dim)."""
     half = x.shape[-1] // 2
     rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
@@ -115,16 +117,19 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        offset = 0
+        offset, mask = 0, None
         if cache is not None:
-            offset = cache.offset
-            k, v = cache.update(self.layer_index, k, v)  # now (B, KV, offset + T, hd)
+            offset, mask = cache.offset, getattr(cache, "attention_mask", None)
+            k, v = cache.update(self.layer_index, k, v)  # now (B, KV, offset + T, hd), or (B, KV, S, hd) with a mask
         if self.n_kv_heads != self.n_heads:
             # Expanding K/V is as fast as SDPA's enable_gqa on CPU and works on every torch >= 2.4.
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
 
-        if offset == 0:
+        if mask is not None:
+            # Rows at different positions: the cache says which of its keys each query may see.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif offset == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1)
         elif length == 1:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -207,11 +212,15 @@ class Decoder(nn.Module):
         Training calls the module with targets so that wrappers hooking ``__call__`` (DDP, FSDP2) see it.
         """
         length = input_ids.shape[1]
-        offset = cache.offset if cache is not None else 0
-        if offset + length > self.config.context_length:
-            raise ValueError(f"sequence of {offset + length} tokens exceeds the context length {self.config.context_length}")
-        cos = self.rope_cos[offset : offset + length]
-        sin = self.rope_sin[offset : offset + length]
+        positions = getattr(cache, "positions", None)
+        if positions is not None:  # (B, T): rows at different positions; the cache keeps them inside the context
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd)
+        else:
+            offset = cache.offset if cache is not None else 0
+            if offset + length > self.config.context_length:
+                raise ValueError(f"sequence of {offset + length} tokens exceeds the context length {self.config.context_length}")
+            cos = self.rope_cos[offset : offset + length]
+            sin = self.rope_sin[offset : offset + length]
         x = self.model.embed_tokens(input_ids)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
