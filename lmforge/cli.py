@@ -45,14 +45,14 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge",
-        description="Build your own language model: data -> tokenizer -> tokens -> pretrain -> eval, then generate and export.",
+        description="Build your own language model: data -> tokenizer -> tokens -> pretrain -> eval -> sft, then chat, serve, generate and export.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", help="run every stage of a recipe, skipping finished ones", epilog=EPILOG,
-                         description="Run data, tokenizer, tokens, pretrain and eval; finished stages are skipped and "
+                         description="Run data, tokenizer, tokens, pretrain, eval and (with finetune.enabled) sft; finished stages are skipped and "
                                      "an interrupted pretrain resumes.")
     _add_recipe_arguments(run)
     run.add_argument("--fresh", action="store_true", help="rebuild every stage and train from scratch")
@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.evaluation.judge import add_judge_parser
 
     add_judge_parser(sub)
+    from lmforge.finetune.cli import add_finetune_parser
+
+    add_finetune_parser(sub)
+    from lmforge.inference.chat import add_chat_parser
+
+    add_chat_parser(sub)
+    from lmforge.serving.cli import add_serve_parser
+
+    add_serve_parser(sub)
 
     generate = sub.add_parser("generate", help="sample text from a trained model, streamed to the terminal",
                               description="Continue a prompt with a trained model.")
@@ -191,13 +200,14 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args, overrides: dict, parser: argparse.ArgumentParser) -> int:
     from lmforge import pipeline
 
-    if overrides and args.command not in ("run", "recipe", "tune", *pipeline.STAGES[:-1]):
+    stage_commands = ("data", "tokenizer", "tokens", "pretrain")  # the stages whose command takes a recipe
+    if overrides and args.command not in ("run", "recipe", "tune", "finetune", *stage_commands):
         parser.error(f"`lmforge {args.command}` takes no recipe overrides (got --{next(iter(overrides))})")
 
     if args.command == "recipe":
         print(recipe_reference() if args.reference else recipe_to_yaml(load_recipe(args.recipe, overrides)), end="\n")
         return 0
-    if args.command in ("run", *pipeline.STAGES[:-1]):
+    if args.command in ("run", *stage_commands):
         recipe = load_recipe(args.recipe, overrides)
         layout = pipeline.layout_for(recipe, args.workdir)
         progress = not args.quiet
@@ -209,12 +219,24 @@ def _dispatch(args, overrides: dict, parser: argparse.ArgumentParser) -> int:
         return 0
     if args.command == "eval":
         return _eval(args)
+    if args.command == "finetune":
+        from lmforge.finetune.cli import run_finetune
+
+        return run_finetune(args, overrides)
     if args.command == "generate":
         return _generate(args)
     if args.command == "judge":
         from lmforge.evaluation.judge import run_judge
 
         return run_judge(args)
+    if args.command == "chat":
+        from lmforge.inference.chat import run_chat
+
+        return run_chat(args)
+    if args.command == "serve":
+        from lmforge.serving.cli import run_serve
+
+        return run_serve(args)
     if args.command == "tune":
         from lmforge.tuning.tune import parse_space, tune
 

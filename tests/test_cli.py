@@ -32,7 +32,7 @@ def test_overrides_are_taken_out_before_positional_arguments():
 
 
 @pytest.mark.parametrize("command", ["run", "data", "tokenizer", "tokens", "pretrain", "eval", "generate", "export", "recipe",
-                                     "logs", "plan", "tune", "judge"])
+                                     "logs", "plan", "tune", "judge", "serve", "chat", "finetune"])
 def test_every_command_has_help(command):
     result = lmforge(command, "--help")
     assert result.returncode == 0 and "usage: lmforge" in result.stdout

@@ -50,7 +50,8 @@ def test_report_scores_equal_an_independent_computation(trained_run, tmp_path):
     assert held_out["tokens"] == count and held_out["stride"] == context
     assert held_out["bytes"] == meta["splits"]["val"]["bytes"] and held_out["chars"] == meta["splits"]["val"]["characters"]
     assert math.isclose(report["val_loss"], nats / count, rel_tol=1e-5)
-    assert math.isclose(report["val_perplexity"], math.exp(nats / count), rel_tol=1e-5)
+    # exp() turns the loss's absolute error (~1e-5 relative x 5 nats) into perplexity's relative error.
+    assert math.isclose(report["val_perplexity"], math.exp(nats / count), rel_tol=1e-4)
     assert math.isclose(report["val_bits_per_byte"], nats / math.log(2) / meta["splits"]["val"]["bytes"], rel_tol=1e-5)
     assert math.isclose(report["val_bits_per_char"], nats / math.log(2) / meta["splits"]["val"]["characters"], rel_tol=1e-5)
     low, high = held_out["interval"]["bits_per_byte"]
@@ -76,8 +77,9 @@ def test_text_file_scores_are_added_to_the_report(trained_run, tmp_path):
     ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id])
     nats, count = reference_nats(model, ids, tokenizer.bos_id)
     assert scores["tokens"] == count == len(ids) - 1
-    assert math.isclose(scores["bits_per_byte"], nats / math.log(2) / len(text.encode()), rel_tol=1e-5)
-    assert math.isclose(scores["bits_per_char"], nats / math.log(2) / len(text), rel_tol=1e-5)
+    # `lmforge eval` autocasts to bf16 on a CPU that is fast at it; the reference is fp32.
+    assert math.isclose(scores["bits_per_byte"], nats / math.log(2) / len(text.encode()), rel_tol=1e-4)
+    assert math.isclose(scores["bits_per_char"], nats / math.log(2) / len(text), rel_tol=1e-4)
 
 
 
