@@ -43,3 +43,19 @@ def trained_run(tmp_path_factory, prepared_workdir) -> Path:
     layout = pipeline.layout_for(recipe, workdir)
     pipeline.run_all(recipe, layout, progress=False)
     return layout.root
+
+
+@pytest.fixture
+def browser():
+    """A headless Debian Chromium driven by selenium (browser test modules skip first where either is missing)."""
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    # Headless, and nothing that would reach for the network on a closed machine.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+    yield driver
+    driver.quit()

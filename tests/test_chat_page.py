@@ -156,18 +156,6 @@ def served_run(trained_run, tmp_path):
         log.close()
 
 
-@pytest.fixture
-def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    # Headless, and nothing that would reach for the network on a closed machine.
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
-    yield driver
-    driver.quit()
-
 
 # The page rebuilds its message list after each change, so the tests read it in one script call each
 # time rather than holding elements that may be replaced.

@@ -375,3 +375,17 @@ def test_compiled_single_stream_step_gives_the_eager_results(model_and_tokenizer
             assert max(abs(a - b) for a, b in zip(mine.logprobs, reference.logprobs)) < 1e-4
     handles = [compiled.submit(prompt_ids(tokenizer, text), greedy) for text in PROMPTS[:2]]  # batch 2: the eager step
     assert [h.wait().token_ids for h in handles] == [eager.complete(prompt_ids(tokenizer, t), greedy).token_ids for t in PROMPTS[:2]]
+
+
+def test_a_failed_compile_warns_and_keeps_the_eager_step(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.warns(RuntimeWarning, match="stays eager: RuntimeError: no C\\+\\+ compiler found"):
+        engine = Engine(model, tokenizer, max_batch_size=1, compile=True)
+    greedy = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    ids = prompt_ids(tokenizer, "Return the")
+    assert engine.complete(ids, greedy).token_ids == Engine(model, tokenizer, max_batch_size=1).complete(ids, greedy).token_ids

@@ -21,18 +21,6 @@ NAMES = ["alpha-model", "beta-model"]
 PROMPTS = ["What does json.dumps do?", "Name a path library."]
 
 
-@pytest.fixture
-def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    # Headless, and nothing that would reach for the network on a closed machine.
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
-    yield driver
-    driver.quit()
-
 
 def test_judging_in_a_real_browser(tmp_path, browser):
     # Model text that would run or render if the page ever put it into HTML.

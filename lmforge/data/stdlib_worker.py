@@ -179,23 +179,27 @@ def submodule_names(module: object, module_name: str) -> list[str]:
         return []
 
 
-def visit(module_name: str, skip: set[str], emit) -> None:
-    """Document a module, then its submodules depth first, reporting each step through ``emit``."""
+def visit(module_name: str, skip: set[str], emit, describe=None) -> None:
+    """Document a module, then its submodules depth first, reporting each step through ``emit``.
+
+    ``describe(module, name) -> str`` makes a module's text (default: ``describe_module``).
+    """
+    describe = describe or describe_module
     if module_name in skip or not is_documented_name(module_name):
         return
     emit({"start": module_name})
     try:
         module = import_quietly(module_name)
-        text = describe_module(module, module_name)
+        text = describe(module, module_name)
     except BaseException as exc:  # SystemExit and KeyboardInterrupt from imports included
         emit({"failed": module_name, "error": f"{type(exc).__name__}: {exc}"[:300]})
         return
     emit({"module": module_name, "text": text})
     for name in submodule_names(module, module_name):
-        visit(name, skip, emit)
+        visit(name, skip, emit, describe)
 
 
-def main(skip: set[str]) -> None:
+def main(skip: set[str], describe=None) -> None:
     # Results go to a private copy of stdout, and stdout itself becomes /dev/null, so that modules
     # printing at import time cannot corrupt the stream. Stderr stays: the parent keeps its tail.
     results = os.fdopen(os.dup(1), "w", encoding="utf-8")
@@ -206,7 +210,7 @@ def main(skip: set[str]) -> None:
         results.flush()
 
     for module_name in sorted(sys.stdlib_module_names):
-        visit(module_name, skip, emit)
+        visit(module_name, skip, emit, describe)
     emit({"finished": True})
     # Skip interpreter shutdown: threads or atexit handlers started by imported modules could hang it.
     os._exit(0)

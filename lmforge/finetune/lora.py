@@ -145,7 +145,8 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
         return None
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+        rank = int(config["r"])
+        float(config["lora_alpha"])  # present and a number, or the adapter cannot be applied
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LmforgeError(f"{folder / ADAPTER_CONFIG} is not a valid adapter config: {exc}") from None
     if rank < 1:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -43,36 +42,9 @@ def describe_members(module: object, module_name: str) -> list[list[str]]:
     return entries
 
 
-def visit(module_name: str, skip: set[str], emit) -> None:
-    """Describe a module's members, then its submodules depth first (the corpus worker's order)."""
-    if module_name in skip or not corpus_worker.is_documented_name(module_name):
-        return
-    emit({"start": module_name})
-    try:
-        module = corpus_worker.import_quietly(module_name)
-        entries = describe_members(module, module_name)
-    except BaseException as exc:  # SystemExit and KeyboardInterrupt from imports included
-        emit({"failed": module_name, "error": f"{type(exc).__name__}: {exc}"[:300]})
-        return
-    emit({"module": module_name, "text": json.dumps(entries)})
-    for name in corpus_worker.submodule_names(module, module_name):
-        visit(name, skip, emit)
-
-
-def main(skip: set[str]) -> None:
-    # As in the corpus worker: results on a private copy of stdout, stdout itself silenced.
-    results = os.fdopen(os.dup(1), "w", encoding="utf-8")
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-
-    def emit(record: dict) -> None:
-        results.write(json.dumps(record) + "\n")
-        results.flush()
-
-    for module_name in sorted(sys.stdlib_module_names):
-        visit(module_name, skip, emit)
-    emit({"finished": True})
-    os._exit(0)  # threads or atexit handlers started by imported modules could hang a normal shutdown
+def describe_members_as_text(module: object, module_name: str) -> str:
+    return json.dumps(describe_members(module, module_name))
 
 
 if __name__ == "__main__":
-    main(set(sys.argv[1:]))
+    corpus_worker.main(set(sys.argv[1:]), describe=describe_members_as_text)

@@ -304,6 +304,8 @@ def add_chat_parser(subparsers) -> argparse.ArgumentParser:
                         help="longest reply in tokens (default 256; never more than the context allows)")
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="seed for reproducible replies (turn i uses S+i)")
     parser.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step with torch.compile at start (a few seconds; needs a C++ compiler on CPU)")
     return parser
 
 
@@ -321,7 +323,7 @@ def run_chat(args: argparse.Namespace) -> int:
     else:
         print(f"chat: {checkpoint}\nwarning: this is a base model, not fine-tuned for chat: expect it to continue the text "
               f"rather than answer (fine-tune it first: RUN/{FINETUNED_DIR}/checkpoints is used when present)", file=sys.stderr)
-    engine = Engine(model, tokenizer, max_batch_size=1)
+    engine = Engine(model, tokenizer, max_batch_size=1, compile=args.compile)
     engine.start()
     try:
         repl = ChatRepl(engine_replier(engine, tokenizer), tokenizer, model.config.context_length, params, system=args.system)

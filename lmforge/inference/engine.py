@@ -46,6 +46,10 @@ Details a caller can rely on:
   The fused step copies the weights when the engine is built: rebuild the engine if they change.
 - ``on_event`` runs on the engine thread: it should be quick (hand the event to another thread or an
   asyncio loop); if it raises, that request finishes with "error" and the others go on.
+- Any valid sampling settings are numerically safe (temperatures below ``GREEDY_BELOW`` = 1e-5 are
+  greedy; extreme repetition penalties and tiny top_p give valid tokens). A request whose logits turn
+  out NaN or inf, or whose sampling raises, finishes with "error" (``SamplingFailed``) alone: the
+  other requests of the batch go on.
 """
 
 from __future__ import annotations
@@ -438,7 +442,8 @@ class Engine:
         own request, with "error"; the other rows get their tokens as usual.
         """
         requests = self._running
-        raw = logits[:, : self.vocab_size].float()
+        raw = logits if logits.shape[-1] == self.vocab_size else logits[:, : self.vocab_size]
+        raw = raw.float()  # a no-op for float32 logits
         failures: dict[int, BaseException] = {}
         tokens = self._sample(raw, failures)
         token_ids = tokens.tolist()
@@ -447,7 +452,7 @@ class Engine:
         self._next_input[: len(requests)] = tokens
         if self._seen is not None:
             self._seen[self.cache.slot_index[: len(requests)], tokens] = True
-        log_probs = raw.log_softmax(dim=-1)
+        log_probs = raw.log_softmax(dim=-1)  # (~3x faster on CPU than logsumexp and a subtraction)
         chosen_logprobs = log_probs.gather(1, tokens[:, None])[:, 0]
         self._counters["tokens_generated"] += len(requests) - len(failures)
         most_alternatives = max(request.top_logprobs for request in requests)
@@ -456,10 +461,10 @@ class Engine:
             top_values, top_ids = log_probs.topk(most_alternatives, dim=-1)
             top_values, top_ids = top_values.tolist(), top_ids.tolist()
         for row, (request, token_id, logprob) in enumerate(zip(requests, token_ids, chosen_logprobs.tolist())):
-            # A NaN log-probability: this row's logits hold NaN or +inf, so its sampled token means nothing.
-            if logprob != logprob or row in failures:
-                self._finish(request, "error", SamplingFailed("the model's next-token logits for this request are "
-                             "not finite numbers (NaN or inf)") if logprob != logprob else failures[row])
+            # NaN when this row's logits hold NaN or +inf (or -inf, every logit -inf): its token means nothing.
+            if not logprob > float("-inf") or row in failures:
+                self._finish(request, "error", failures[row] if row in failures else SamplingFailed(
+                    "the model's next-token logits for this request are not finite numbers (NaN or inf)"))
                 continue
             alternatives = []
             if request.top_logprobs:

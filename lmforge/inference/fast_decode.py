@@ -64,6 +64,9 @@ class FastDecodeStep:
                     down=mlp.down_proj.weight.t().contiguous(),
                 ))
             self.head = (model.lm_head.weight * model.model.norm.weight).t().contiguous()  # (d, V)
+            # The same, (V, d): for 4 rows or more F.linear with it is ~15% faster on CPU (the output
+            # layer is the largest multiply), for fewer ~15% slower. Both are kept (a few MB).
+            self.head_rows = self.head.t().contiguous()
         self._key_value_index = torch.arange(2 * kv_heads, device=self.embedding.device)[None, :]
         self._stored = list(cache.keys_and_values)  # per layer (slots, 2 KV, S, hd)
         self._views_by_rows: dict[int, tuple] = {}
@@ -127,7 +130,7 @@ class FastDecodeStep:
             keys, values = stored[:rows, :kv_heads, :width], stored[:rows, kv_heads:, :width]
             attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
             x = self._finish_layer(x, attended.reshape(rows, heads * hd), layer)
-        return self._norm(x) @ self.head
+        return F.linear(self._norm(x), self.head_rows) if rows >= 4 else self._norm(x) @ self.head
 
     def _views(self, rows: int) -> tuple[torch.Tensor, tuple]:
         """Slot lengths (rows,) and the (slot, head, position) index of each new key/value, as views of the

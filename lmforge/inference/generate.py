@@ -82,18 +82,21 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generators: torc
     logits = penalise_repeats(logits, params, seen)
     if params.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
     # Only the candidates that top-k / top-p can keep enter the softmax and the draw: top-k's values
     # come out sorted, which top-p needs, and a 50-way draw is far cheaper than a vocabulary-wide one.
     candidates = None
     if params.top_k is not None and params.top_k < logits.shape[-1]:
+        # Dividing by a positive temperature keeps the order: divide only the k candidates (same values).
         logits, candidates = torch.topk(logits, params.top_k, dim=-1)
+        logits = logits / params.temperature
         probabilities = logits.softmax(dim=-1)
     elif params.top_p is not None and params.top_p < 1.0:
+        logits = logits / params.temperature
         log_normaliser = logits.logsumexp(dim=-1, keepdim=True)  # top-p compares probabilities over the whole vocabulary
         logits, candidates = _top_p_candidates(logits, params.top_p, log_normaliser)
         probabilities = (logits - log_normaliser).exp()
     else:
+        logits = logits / params.temperature
         probabilities = logits.softmax(dim=-1)
     cumulative = probabilities.cumsum(dim=-1)
     if params.top_p is not None and params.top_p < 1.0:

@@ -32,7 +32,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from lmforge.errors import LmforgeError
 from lmforge.inference.engine import Engine, EngineStopped, Finished, InvalidPrompt, PromptTooLong, QueueFull, TokenEvent
-from lmforge.inference.generate import SamplingParams
+from lmforge.inference.generate import GREEDY_BELOW, SamplingParams
 from lmforge.serving.cache import ResponseCache
 from lmforge.serving.guard import GuardMiddleware, ServerState
 from lmforge.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, FeedbackRequest, SamplingRequest,
@@ -43,9 +43,6 @@ from lmforge.tokenizer.bpe import END
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
-# A temperature or top_p this small picks the most likely token anyway, and dividing float32 logits by such a
-# temperature overflows to NaN probabilities, which would fail the whole decode batch: these are greedy requests.
-GREEDY_BELOW = 1e-5
 
 log = logging.getLogger("lmforge.serving")
 
@@ -72,7 +69,8 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.engine = Engine(served.model, served.tokenizer, settings.max_batch_size, settings.max_queue).start()
+        service.engine = Engine(served.model, served.tokenizer, settings.max_batch_size, settings.max_queue,
+                                compile=settings.compile).start()
         try:
             yield
         finally:

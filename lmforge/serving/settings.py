@@ -27,6 +27,7 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; empty: CORS off
     cache_size: int = 256  # responses of temperature-0 requests kept; 0 = no cache
     feedback_file: Path | None = None  # where the chat page's ratings go; None: RUN/feedback/feedback.jsonl
+    compile: bool = False  # compile the one-stream decode step (torch.compile; needs a C++ compiler on CPU)
     static_dir: Path | None = None  # the chat page's files; None: the packaged lmforge/serving/static
 
     @property
