@@ -268,7 +268,12 @@ def _print_artifacts(layout) -> None:
                         ("token shards", layout.tokens), ("checkpoints", layout.checkpoints), ("metrics and loss curve", layout.logs),
                         ("evaluation report", layout.eval / "report.md")]:
         print(f"  {label:<24} {path}")
-    print(f"\nTry: lmforge generate {layout.root} --prompt \"The json module\" --max-new-tokens 80")
+    assistant_report = layout.root / "sft" / "report.md"
+    if assistant_report.exists():
+        print(f"  {'chat assistant (SFT)':<24} {assistant_report}")
+        print(f"\nTry: lmforge chat {layout.root}    (or: lmforge serve {layout.root} --no-auth, then open http://127.0.0.1:8000/)")
+    else:
+        print(f"\nTry: lmforge generate {layout.root} --prompt \"The json module\" --max-new-tokens 80")
 
 
 def _eval(args) -> int:
