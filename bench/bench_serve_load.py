@@ -34,6 +34,8 @@ from pathlib import Path
 
 import httpx
 
+from lmforge.serving.server import wait_until_serving
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -149,18 +151,9 @@ def main() -> None:
                                 "--max-batch-size", str(args.max_batch_size), "--max-queue", str(queue), "--rate-limit", "0"],
                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LMFORGE_API_KEYS": key})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                sys.exit(f"lmforge serve exited with {process.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                sys.exit(f"lmforge serve did not start; see {log.name}")
-            time.sleep(0.2)
+        problem = wait_until_serving(base, process, timeout=180)
+        if problem:
+            sys.exit(f"{problem}; see {log.name}")
         lone, lone_seconds = asyncio.run(load(base, key, 1, args.requests, args, stream=False))
         many, many_seconds = asyncio.run(load(base, key, args.clients, args.requests, args, stream=False))
         streamed, streamed_seconds = asyncio.run(load(base, key, args.clients, args.requests, args, stream=True))

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 
@@ -24,6 +23,8 @@ if not (shutil.which("chromium") and shutil.which("chromedriver")):
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from lmforge.serving.server import wait_until_serving  # noqa: E402
 
 # Seconds between two server-sent events on their way to the browser (see SlowEventRelay).
 EVENT_GAP = 0.05
@@ -129,20 +130,10 @@ def served_run(trained_run, tmp_path):
                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"lmforge serve exited with {process.returncode}:\n{log.read()}")
-            try:
-                with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("lmforge serve did not answer within 60 s")
-            time.sleep(0.2)
+        problem = wait_until_serving(url, process, timeout=60)
+        if problem:
+            log.seek(0)
+            pytest.fail(f"{problem}:\n{log.read()}")
         relay = SlowEventRelay(port)
         yield f"http://127.0.0.1:{relay.port}", run, relay
         relay.close()

@@ -9,6 +9,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_default_build_finishes_in_ten_minutes_and_beats_unigram(tmp_path):
     started = time.time()
     result = subprocess.run([sys.executable, "-m", "lmforge.cli", "run", "--workdir", str(tmp_path), "--quiet"],

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from lmforge.serving.server import wait_until_serving
+
 openai = pytest.importorskip("openai")
 
 KEY = "process-key-0123456789abcdef"
@@ -41,18 +43,9 @@ def serve(run, tmp_path, *flags):
                                    stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"lmforge serve exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"lmforge serve did not answer /health in time:\n{log_path.read_text()}")
-            time.sleep(0.2)
+        problem = wait_until_serving(base, process)
+        if problem:
+            pytest.fail(f"{problem}:\n{log_path.read_text()}")
         yield base, process, log_path
     finally:
         if process.poll() is None:

@@ -9,7 +9,11 @@ at once.
 from __future__ import annotations
 
 import asyncio
+import http.client
+import subprocess
 import sys
+import time
+import urllib.request
 
 import uvicorn
 
@@ -56,3 +60,21 @@ def serve_until_stopped(app, host: str, port: int, drain_timeout: float) -> None
         raise LmforgeError(f"could not listen on {host}:{port} (is the port in use, or the address not this machine's?)") from None
     if not server.started:
         raise LmforgeError(f"the server did not start on {host}:{port}")
+
+
+def wait_until_serving(base_url: str, process: subprocess.Popen, timeout: float = 120.0) -> str | None:
+    """Poll ``base_url``/health until a started ``lmforge serve`` process answers (None), or say why it did not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            return f"lmforge serve exited with status {process.returncode}"
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=1) as response:
+                if response.status == 200:
+                    return None
+        except (OSError, http.client.HTTPException):
+            # Not listening yet; an HTTPException is a connection that met itself (TCP self-connect on a free port).
+            pass
+        if time.monotonic() > deadline:
+            return f"lmforge serve did not answer {base_url}/health within {timeout:.0f} s"
+        time.sleep(0.2)
