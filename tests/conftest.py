@@ -59,3 +59,17 @@ def browser():
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_raises_keyboard_interrupt():
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt in the test process, as in any Python started from a terminal.
+
+    A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored: the tests that
+    stop a server the way a user does (Ctrl-C, simulated with ``_thread.interrupt_main``) would wait forever.
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
