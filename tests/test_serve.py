@@ -178,6 +178,16 @@ def test_completions_stop_n_and_usage(make_client, served):
     assert stopped["finish_reason"] == "stop" and stopped["text"] == text[: text.find(stop)]
 
 
+def test_completions_with_null_max_tokens_fill_the_room_left(make_client, served):
+    # Found by the fuzz: `"max_tokens": null` (OpenAI's "no limit") once reached the engine as None, a 500.
+    client = make_client()
+    for prompt in ("", "The json module"):
+        response = client.post("/v1/completions", headers=AUTH, json={"prompt": prompt, "max_tokens": None, "temperature": 0})
+        assert response.status_code == 200, response.text
+        usage = response.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] <= served.model.config.context_length
+
+
 def test_streaming_chat_and_completions_join_to_the_non_streamed_text(make_client):
     client = make_client()
     full = chat(client, max_tokens=8).json()["choices"][0]["message"]["content"]

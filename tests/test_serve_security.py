@@ -3,6 +3,7 @@ binding rules, log injection, and a schema-driven fuzz of the request bodies (no
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -268,7 +269,9 @@ def encode_body(body) -> bytes:
     return json.dumps(body, allow_nan=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# Derandomized so that CI sees the same requests every run; LMFORGE_FUZZ_EXAMPLES=2000 LMFORGE_FUZZ_RANDOM=1 explores further.
+FUZZ = settings(max_examples=int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", "60")), derandomize=not os.environ.get("LMFORGE_FUZZ_RANDOM"),
+                deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 @FUZZ

@@ -309,9 +309,9 @@ class _Service:
         if choices > self.settings.max_queue:
             raise ApiError(422, f"{len(prompts)} prompts x n={request.n} is {choices} completions, more than the server's queue "
                            f"of {self.settings.max_queue}", code="invalid_value", param="prompt")
-        max_tokens = request.max_tokens  # 0 only scores the prompt (with echo and logprobs)
-        for _, prompt in prompts:
-            self._max_tokens(len(prompt), max_tokens, "prompt")
+        # 0 only scores the prompt (with echo and logprobs); null means as many as fit the shortest room.
+        budgets = [self._max_tokens(len(prompt), request.max_tokens, "prompt") for _, prompt in prompts]
+        max_tokens = request.max_tokens if request.max_tokens is not None else min(budgets)
         params = self._params(request, max(max_tokens, 1), stop_token_ids=[])
         top_logprobs = request.logprobs or 0
         cache_key = None if request.stream else self._cache_key("completions", request, max_tokens, params)
