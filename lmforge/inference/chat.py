@@ -313,12 +313,12 @@ def run_chat(args: argparse.Namespace) -> int:
     """Run ``lmforge chat`` from parsed arguments: load the model, then the read-reply loop on stdin."""
     from lmforge.evaluation.report import load_for_inference
     from lmforge.inference.engine import Engine
-    from lmforge.training.checkpoint import FINETUNED_DIR
+    from lmforge.training.checkpoint import FINETUNED_DIR, is_finetuned_checkpoint
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     params.validate()
     model, tokenizer, checkpoint = load_for_inference(args.run, args.device, prefer_finetuned=True)
-    if checkpoint.parent.parent.name == FINETUNED_DIR:
+    if is_finetuned_checkpoint(checkpoint):
         print(f"chat: {checkpoint} (fine-tuned for chat)", file=sys.stderr)
     else:
         print(f"chat: {checkpoint}\nwarning: this is a base model, not fine-tuned for chat: expect it to continue the text "

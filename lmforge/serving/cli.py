@@ -130,11 +130,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from lmforge.evaluation.report import load_for_inference, run_folder_of
     from lmforge.serving.app import ServedModel, create_app
     from lmforge.serving.server import serve_until_stopped
-    from lmforge.training.checkpoint import resolve_chat_checkpoint
+    from lmforge.training.checkpoint import is_finetuned_checkpoint
 
     _set_model_threads(args.threads)
-    _, finetuned = resolve_chat_checkpoint(args.run)
     model, tokenizer, checkpoint = load_for_inference(args.run, args.device, prefer_finetuned=True)
+    finetuned = is_finetuned_checkpoint(checkpoint)
     run_dir = run_folder_of(args.run)
     served = ServedModel(model, tokenizer, run_dir.resolve(), checkpoint, finetuned)
     app = create_app(served, settings)

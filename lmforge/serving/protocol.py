@@ -137,7 +137,8 @@ class SamplingRequest(BaseModel):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
 
-    @field_validator("max_tokens")
+    # max_completion_tokens exists on chat requests only: the same limit applies to it.
+    @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
     @classmethod
     def _max_tokens_limit(cls, value, info: ValidationInfo):
         limit = _limits(info).max_tokens
@@ -196,14 +197,6 @@ class ChatCompletionRequest(SamplingRequest):
     def _at_least_one(cls, value):
         if value is not None and value < 1:
             raise ValueError("must be at least 1")
-        return value
-
-    @field_validator("max_completion_tokens")
-    @classmethod
-    def _completion_tokens_limit(cls, value, info: ValidationInfo):
-        limit = _limits(info).max_tokens
-        if value is not None and value > limit:
-            raise ValueError(f"must be at most {limit} (the server's --max-tokens-limit)")
         return value
 
     def requested_max_tokens(self) -> int | None:

@@ -286,7 +286,12 @@ def resolve_chat_checkpoint(path: Path) -> tuple[Path, bool]:
         if found is not None:
             return found, True
     checkpoint = resolve_checkpoint(path)
-    return checkpoint, checkpoint.parent.parent.name == FINETUNED_DIR
+    return checkpoint, is_finetuned_checkpoint(checkpoint)
+
+
+def is_finetuned_checkpoint(checkpoint: Path) -> bool:
+    """Whether a checkpoint folder is one of a run's chat fine-tuned ones (RUN/sft/checkpoints/step_N)."""
+    return Path(checkpoint).parent.parent.name == FINETUNED_DIR
 
 
 def read_model_config(folder: Path) -> DecoderConfig:
