@@ -306,9 +306,12 @@ def test_full_queue_answers_429_quickly_and_recovers(make_client):
 
 def test_request_timeout_is_504_and_cancels_the_generation(make_client):
     client = make_client(request_timeout=0.001, max_batch_size=1, cache_size=0)
-    response = client.post("/v1/completions", headers=AUTH, json={"prompt": "The", "max_tokens": 40, "temperature": 0})
-    assert_openai_error(response, 504, "request_timeout")
     engine = client.app.state.service.engine
+    # Hold the engine between steps, so the generation cannot finish before the deadline however the threads
+    # are scheduled (on a busy machine a tiny model's 40 tokens can otherwise beat a 1 ms timer).
+    with engine._model_lock:
+        response = client.post("/v1/completions", headers=AUTH, json={"prompt": "The", "max_tokens": 40, "temperature": 0})
+    assert_openai_error(response, 504, "request_timeout")
     deadline = time.monotonic() + 10
     while engine.stats()["requests_cancelled"] < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
