@@ -15,6 +15,16 @@ EPILOG = """Any recipe field can be overridden with --SECTION.KEY VALUE, e.g. --
 Run `lmforge recipe --reference` to list every field."""
 
 
+DATA_EPILOG = """Run on a cluster: every task processes its share of the work shards into RUN/data/work/ (a shared file
+system), then one merge job deduplicates across all of them and writes the folder. With Slurm:
+  sbatch --array=0-15 --wrap 'lmforge data my.yaml --task $SLURM_ARRAY_TASK_ID --tasks 16'
+  sbatch --dependency=afterok:<array job id> --wrap 'lmforge data my.yaml --merge'
+A killed run resumes at its first unfinished shard. `lmforge data inspect RUN` shows what each step removed.
+""" + EPILOG
+
+INSPECT_PROG = "lmforge data inspect"
+
+
 def split_overrides(argv: list[str]) -> tuple[list[str], dict, str | None]:
     """Take ``--section.key value`` / ``--section.key=value`` out of argv, before argparse can mistake a
     value for a positional argument. Returns (remaining argv, overrides, error message or None)."""
@@ -68,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_recipe_arguments(stage)
         stage.add_argument("--force" if name != "pretrain" else "--fresh", dest="force", action="store_true",
                            help="rebuild even if up to date" if name != "pretrain" else "discard checkpoints and train from scratch")
+        if name == "data":
+            stage.epilog = DATA_EPILOG
+            stage.formatter_class = argparse.RawDescriptionHelpFormatter
+            stage.add_argument("--task", type=int, default=None, metavar="I",
+                               help="process only work shards I, I+N, I+2N, ... (0-based; with --tasks N), e.g. as one task of a Slurm array")
+            stage.add_argument("--tasks", type=int, default=None, metavar="N", help="how many tasks share the shards (with --task)")
+            stage.add_argument("--merge", action="store_true",
+                               help="after all --task jobs finished: global dedup, split, mix, and write the data folder")
+            stage.add_argument("--keep-work", action="store_true", help="keep the work shards (DATA/work/) after the merge")
 
     evaluate = sub.add_parser(
         "eval", help="score a run: held-out perplexity and bits per byte with intervals, tasks, benchmarks, samples; report",
@@ -177,9 +196,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _data_task(args, recipe, layout, progress: bool) -> str:
+    from lmforge.data.stage import build_corpus
+
+    if args.merge and (args.task is not None or args.tasks is not None):
+        raise LmforgeError("--merge runs alone, after every --task job has finished")
+    if args.merge:
+        report = build_corpus(recipe.data, layout.data, progress=progress, merge_only=True, keep_work=args.keep_work)
+        return f"data: merged; {report['kept']:,} documents kept ({report['train_documents']} train / {report['val_documents']} val) -> {layout.data}"
+    if args.task is None or args.tasks is None:
+        raise LmforgeError("--task I and --tasks N go together (0 <= I < N)")
+    if not 0 <= args.task < args.tasks:
+        raise LmforgeError(f"--task must be in 0..{args.tasks - 1} for --tasks {args.tasks} (got {args.task})")
+    summary = build_corpus(recipe.data, layout.data, progress=progress, task=(args.task, args.tasks))
+    return (f"data: task {args.task} of {args.tasks} finished its {summary['shards']} of {summary['shards_total']} work shards "
+            f"({summary['processed_now']} processed now) in {summary['work']}; run `lmforge data --merge` when every task is done")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["data", "inspect"]:
+        from lmforge.data.inspect import inspect_main
+
+        return inspect_main(argv[2:], INSPECT_PROG)
     parser = build_parser()
-    argv, overrides, problem = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    argv, overrides, problem = split_overrides(argv)
     if problem:
         parser.error(problem)
     args = parser.parse_args(argv)
@@ -214,6 +255,8 @@ def _dispatch(args, overrides: dict, parser: argparse.ArgumentParser) -> int:
         if args.command == "run":
             pipeline.run_all(recipe, layout, progress=progress, fresh=args.fresh)
             _print_artifacts(layout)
+        elif args.command == "data" and (args.task is not None or args.tasks is not None or args.merge):
+            print(_data_task(args, recipe, layout, progress))
         else:
             print(pipeline.RUNNERS[args.command](recipe, layout, progress=progress, force=args.force))
         return 0

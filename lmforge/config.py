@@ -21,21 +21,155 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(Section):
-    """Where documents come from and how they are cleaned and split."""
+class SourceConfig(Section):
+    """One entry of `data.sources` written as a mapping, for settings that differ between sources."""
 
-    sources: list[str] = Field(
-        default_factory=lambda: ["stdlib"],
-        description="Files or folders to read (.txt, .md, .jsonl, .html, optionally .gz/.zst). "
-        "The special source `stdlib` is the Python standard library's own documentation.",
+    path: str = Field(description="A file, a folder (read recursively), a `datasets` folder saved with save_to_disk, or `stdlib`.")
+    weight: float = Field(1.0, ge=0.0, le=100.0, description="Mixing weight: 0.5 keeps about half of this source's training "
+                          "documents (chosen by hash), 2.0 writes each twice, 2.5 writes each twice and half of them a third time.")
+    include: list[str] = Field(default_factory=list, description="Glob patterns (on the path inside the folder); only matching files are read.")
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns of files to leave out.")
+    text_field: str | None = Field(None, description="JSON field, CSV/TSV column or Parquet/Arrow column with the text; default `data.text_field`.")
+
+
+class ExtractionConfig(Section):
+    """Turning markup into plain text."""
+
+    html: Literal["trafilatura", "selectolax", "builtin"] = Field(
+        "selectolax", description="HTML main-text extractor (BENCHMARKS.md, `HTML extraction`, compares them on real pages)."
     )
-    text_field: str = Field("text", description="Field holding the text in .jsonl records.")
+    strip_markup: bool = Field(True, description="Lightly strip Markdown and reStructuredText markup (headings, emphasis, link targets, directives).")
+
+
+class NormalizeConfig(Section):
+    """Repair and normalisation of each document's text."""
+
+    enabled: bool = Field(True, description="Run this step.")
+    fix_mojibake: bool = Field(True, description="Repair mojibake and broken escapes with ftfy.")
+    unicode_form: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normal form.")
+    lowercase: bool = Field(False, description="Lowercase all text.")
+    emoji_to_text: bool = Field(False, description="Write emoji as their names (`:smiling_face:`).")
+
+
+class LanguageConfig(Section):
+    """Language identification with py3langid's packaged model."""
+
+    enabled: bool = Field(True, description="Run this step.")
+    keep: list[str] = Field(default_factory=lambda: ["en"], description="ISO 639-1 codes to keep; empty keeps every language (the label is still recorded).")
+    min_score: float = Field(0.5, ge=0.0, le=1.0, description="Documents whose best language scores below this are rejected as `language_uncertain`.")
+
+
+class QualityConfig(Section):
+    """Gopher-style document rules, repetition rules and C4-style line filters (reasons `quality_*`)."""
+
+    enabled: bool = Field(True, description="Run this step.")
+    min_words: int = Field(50, ge=0, description="Fewest words in a document.")
+    max_words: int = Field(100_000, ge=1, description="Most words in a document.")
+    min_mean_word_length: float = Field(3.0, ge=0, description="Smallest mean word length (characters).")
+    max_mean_word_length: float = Field(10.0, ge=0, description="Largest mean word length (characters).")
+    max_symbol_word_ratio: float = Field(0.1, ge=0, description="Most `#` and `...` per word.")
+    max_ellipsis_line_fraction: float = Field(0.3, ge=0, le=1, description="Most lines ending in an ellipsis.")
+    max_bullet_line_fraction: float = Field(0.9, ge=0, le=1, description="Most lines starting with a bullet.")
+    min_alpha_word_fraction: float = Field(0.8, ge=0, le=1, description="Fewest words holding at least one letter.")
+    min_stop_words: int = Field(2, ge=0, description="Fewest English stop words (`the`, `be`, `to`, `of`, `and`, `that`, `have`, `with`); only for documents labelled English or unlabelled.")
+    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1, description="Most lines that repeat an earlier line (by count).")
+    max_duplicate_paragraph_fraction: float = Field(0.3, ge=0, le=1, description="Most paragraphs that repeat an earlier paragraph (by count).")
+    max_top_ngram_fraction: list[float] = Field(default_factory=lambda: [0.20, 0.18, 0.16],
+                                                description="For n = 2, 3, 4: most characters covered by the commonest n-gram.")
+    max_duplicate_ngram_fraction: list[float] = Field(default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10],
+                                                      description="For n = 5..10: most characters in n-grams that occur more than once.")
+    c4_boilerplate_lines: bool = Field(True, description="C4-style: drop lines asking to enable JavaScript and cookie, privacy-policy "
+                                       "and terms-of-use notices; a document with `lorem ipsum` is rejected.")
+    c4_terminal_punctuation: bool = Field(False, description="C4-style: also drop lines that do not end in terminal punctuation "
+                                          "(off by default: it removes code and lists).")
+
+
+class ToxicityConfig(Section):
+    """A word-list filter for unwanted content."""
+
+    enabled: bool = Field(False, description="Run this step.")
+    packaged_list: bool = Field(True, description="Use lmforge's packaged English list of profanity and slurs.")
+    word_lists: list[str] = Field(default_factory=list, description="Your own word lists: text files, one word or phrase per line, `#` comments.")
+    max_fraction: float = Field(0.005, ge=0, le=1, description="Documents where listed words are more than this fraction of all words are rejected as `toxic`.")
+    max_hits: int | None = Field(None, ge=0, description="Also reject a document with more than this many listed words; null: no count limit.")
+
+
+PII_KINDS = ("email", "phone", "ip", "credit_card", "iban", "secret")
+
+
+class PiiConfig(Section):
+    """Scrubbing personal data: each match becomes a typed placeholder like `<EMAIL>`."""
+
+    enabled: bool = Field(True, description="Run this step.")
+    kinds: list[Literal["email", "phone", "ip", "credit_card", "iban", "secret"]] = Field(
+        default_factory=lambda: list(PII_KINDS), description="What to scrub: email, phone, ip (IPv4 and IPv6), credit_card (Luhn-checked), iban (checksum-checked), secret (API keys and tokens)."
+    )
+
+
+class DedupConfig(Section):
+    """Exact and near-duplicate removal across the whole corpus; each cluster keeps exactly one document."""
+
+    exact: bool = Field(True, description="Drop documents whose normalised text (case, whitespace and punctuation folded) was seen before.")
+    near: bool = Field(True, description="Drop near-duplicates found with MinHash LSH.")
+    shingle_words: int = Field(5, ge=1, le=32, description="Words per shingle.")
+    num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations; must equal bands x rows.")
+    bands: int = Field(16, ge=1, description="LSH bands.")
+    rows: int = Field(8, ge=1, description="Rows per LSH band.")
+    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity above which two documents in a shared bucket are duplicates.")
+    seed: int = Field(0, description="Seed of the MinHash permutations.")
+
+    @model_validator(mode="after")
+    def _check_bands(self) -> "DedupConfig":
+        if self.bands * self.rows != self.num_perm:
+            raise ValueError(f"bands x rows ({self.bands} x {self.rows}) must equal num_perm ({self.num_perm})")
+        return self
+
+
+class DecontaminationConfig(Section):
+    """Dropping training documents that share long n-grams with evaluation text."""
+
+    enabled: bool = Field(False, description="Run this step.")
+    eval_files: list[str] = Field(default_factory=list, description="Files with evaluation text (.txt, .jsonl with `eval_field`, or any source format).")
+    eval_field: str = Field("text", description="Field or column holding the text in structured evaluation files.")
+    ngram: int = Field(13, ge=4, le=64, description="Words per n-gram; a training document sharing any such n-gram with evaluation text is dropped.")
+
+
+class DataConfig(Section):
+    """Where documents come from, how they are cleaned, filtered, deduplicated, split and mixed."""
+
+    sources: list[str | SourceConfig] = Field(
+        default_factory=lambda: ["stdlib"],
+        description="Files or folders to read (.txt, .md, .rst, .html/.htm, .jsonl/.json, .csv/.tsv, .parquet, optionally .gz/.zst), "
+        "`datasets` folders saved with save_to_disk, or `stdlib`, the Python standard library's own documentation. "
+        "An entry is a path or a mapping (see `data.sources[]`).",
+    )
+    text_field: str = Field("text", description="Field or column holding the text in .jsonl/.json/.csv/.tsv/.parquet and `datasets` records.")
     min_chars: int = Field(64, ge=0, description="Documents shorter than this (after cleaning) are rejected as too short.")
     max_doc_chars: int = Field(
         20_000, ge=256, description="Long files are cut into documents at blank lines, each at most this many characters."
     )
+    max_line_bytes: int = Field(16 << 20, ge=1024, description="A JSONL/CSV line longer than this is rejected (`line_too_long`) without being held in memory.")
+    max_file_bytes: int = Field(64 << 20, ge=1024, description="HTML, JSON and Parquet files are read whole; larger ones are skipped (`file_too_large`).")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of documents held out for validation, chosen by hash.")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of documents held out as a test split, chosen by hash.")
+    stratify_by_source: bool = Field(False, description="Hash each source separately, so every source is split in the same proportions.")
     shard_docs: int = Field(10_000, ge=1, description="Documents per output shard.")
+    shard_mb: float = Field(16.0, gt=0, description="Input files are grouped into work shards of about this many megabytes; each shard is one task.")
+    workers: int | None = Field(None, ge=1, description="Worker processes; default: every core.")
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    language: LanguageConfig = Field(default_factory=LanguageConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    toxicity: ToxicityConfig = Field(default_factory=ToxicityConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
+
+    @model_validator(mode="after")
+    def _check_splits(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})")
+        return self
 
 
 class TokenizerConfig(Section):
@@ -362,15 +496,22 @@ def recipe_reference() -> str:
     """Markdown reference of every recipe field, generated from the models above."""
     lines = ["| key | default | description |", "| --- | --- | --- |"]
     lines.append(f"| `name` | `default` | {Recipe.model_fields['name'].description} |")
-    for section_name, field in Recipe.model_fields.items():
-        if section_name == "name":
-            continue
-        section = field.annotation
+
+    def row(key: str, default: str, description: str | None) -> None:
+        lines.append(f"| `{key}` | `{default}` | {description} |".replace("`None`", "`null`"))
+
+    def section_rows(prefix: str, section: type[BaseModel]) -> None:
         for key, sub in section.model_fields.items():
-            default = sub.get_default(call_default_factory=True)
-            lines.append(f"| `{section_name}.{key}` | `{default!r}` | {sub.description} |".replace("`None`", "`null`"))
-            if section_name == "eval" and key == "tasks":  # the fields of each list entry
-                for task_key, task_field in EvalTask.model_fields.items():
-                    task_default = "required" if task_field.is_required() else repr(task_field.get_default())
-                    lines.append(f"| `eval.tasks[].{task_key}` | `{task_default}` | {task_field.description} |".replace("`None`", "`null`"))
+            if isinstance(sub.annotation, type) and issubclass(sub.annotation, Section):  # a nested section
+                section_rows(f"{prefix}.{key}", sub.annotation)
+                continue
+            row(f"{prefix}.{key}", repr(sub.get_default(call_default_factory=True)), sub.description)
+            entry_model = {"eval.tasks": EvalTask, "data.sources": SourceConfig}.get(f"{prefix}.{key}")
+            for entry_key, entry_field in (entry_model.model_fields.items() if entry_model else ()):  # a list's entries
+                entry_default = "required" if entry_field.is_required() else repr(entry_field.get_default(call_default_factory=True))
+                row(f"{prefix}.{key}[].{entry_key}", entry_default, entry_field.description)
+
+    for section_name, field in Recipe.model_fields.items():
+        if section_name != "name":
+            section_rows(section_name, field.annotation)
     return "\n".join(lines)

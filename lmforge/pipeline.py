@@ -28,9 +28,9 @@ def _say(message: str) -> None:
 
 
 def run_data(recipe: Recipe, layout: RunLayout, progress: bool = True, force: bool = False) -> str:
-    from lmforge.data.stage import build_corpus, data_inputs
+    from lmforge.data.stage import build_corpus, data_inputs, stage_config
 
-    section = recipe.data.model_dump(mode="json")
+    section = stage_config(recipe.data)
     if not force and is_up_to_date(layout.data, "data", section, data_inputs(recipe.data)):
         return f"data: up to date in {layout.data}"
     _say("data: reading and cleaning documents")

@@ -1,5 +1,6 @@
 """The data stage on real files: every format, every way a file can be unusable, cleaning, cutting,
-deduplication, the split, the stdlib corpus and the folder it all ends up in."""
+deduplication, the split, the stdlib corpus and the folder it all ends up in. The steps themselves
+(filters, PII, dedup, extraction) have their own test files; this one tests them wired together."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from lmforge.artifacts import read_manifest
 from lmforge.config import DataConfig
 from lmforge.data.clean import clean_text, cut_into_pieces
-from lmforge.data.readers import html_to_text
+from lmforge.data.extract import extract_html
 from lmforge.data.stage import build_corpus, data_inputs, iter_documents
 from lmforge.data.stdlib_docs import collect_module_docs
 from lmforge.errors import LmforgeError
@@ -30,8 +31,12 @@ def paragraph(n: int) -> str:
     return f"Paragraph number {n}. " + PARAGRAPH * (1 + n % 3)
 
 
+# The tests here use short, repetitive documents that the quality rules and near-dedup would rightly remove.
+PLAIN_STEPS = {"quality": {"enabled": False}, "dedup": {"near": False}, "workers": 1}
+
+
 def build(tmp_path: Path, sources: list, name: str = "out", **settings_) -> tuple[dict, Path]:
-    config = DataConfig(sources=[str(source) for source in sources], **settings_)
+    config = DataConfig.model_validate({"sources": [str(source) for source in sources], **PLAIN_STEPS, **settings_})
     out_dir = tmp_path / name
     return build_corpus(config, out_dir, progress=False), out_dir
 
@@ -51,7 +56,17 @@ def rejected_records(out_dir: Path) -> list[dict]:
 def assert_counts_add_up(report: dict) -> None:
     assert report["documents_after_cutting"] == report["kept"] + report["rejected_total"]
     assert report["rejected_total"] == sum(report["rejected"].values())
-    assert report["kept"] == report["train_documents"] + report["val_documents"]
+    assert report["kept"] == report["train_documents"] + report["val_documents"] + report["test_documents"]
+    steps = {step["step"]: step for step in report["steps"]}
+    for step in report["steps"]:  # every step: what came in either went out or was rejected with a reason
+        if step["step"] != "cut":  # which turns one document into pieces
+                step["documents_in"] == step["documents_out"] + sum(step["rejected"].values()), step
+    chain = ["read", "extract", "normalize"]
+    assert all(steps[a]["documents_out"] == steps[b]["documents_in"] for a, b in zip(chain, chain[1:]))
+    chain = ["cut", "length", "language", "quality", "toxicity", "decontamination", "pii", "exact_dedup", "near_dedup", "split"]
+    assert all(steps[a]["documents_out"] == steps[b]["documents_in"] for a, b in zip(chain, chain[1:]))
+    assert steps["normalize"]["documents_out"] == steps["cut"]["documents_in"]
+    assert steps["split"]["documents_out"] == report["kept"]
 
 
 @pytest.fixture
@@ -92,19 +107,23 @@ def mixed_corpus(tmp_path: Path) -> Path:
 
 
 def test_every_format_and_compression_is_read(tmp_path: Path, mixed_corpus: Path) -> None:
-    report, out_dir = build(tmp_path, [mixed_corpus], text_field="body", min_chars=20)
+    report, out_dir = build(tmp_path, [mixed_corpus], text_field="body", min_chars=20, extraction={"html": "builtin"})
     documents = all_documents(out_dir)
     texts = {doc_id.split("#")[0]: record["text"] for doc_id, record in documents.items()}
 
     assert texts["corpus/notes.txt"] == paragraph(1).strip()
-    assert texts["corpus/sub/readme.md"].startswith("# Title\n\n")
+    assert texts["corpus/sub/readme.md"].startswith("Title\n\n")  # Markdown markup stripped
     assert texts["corpus/records.jsonl:1"] == paragraph(3).strip()
     assert texts["corpus/records.jsonl:5"] == paragraph(4).strip()
     assert texts["corpus/zipped.txt.gz"] == paragraph(5).strip()
     assert texts["corpus/dump.jsonl.zst:2"] == paragraph(7).strip()
     assert texts["corpus/page.htm.zst"] == paragraph(8).strip()
     for record in documents.values():
-        assert set(record) == {"id", "text", "source", "chars"} and record["chars"] == len(record["text"])
+        assert {"id", "text", "source", "chars", "language", "language_score"} <= set(record)
+        assert record["chars"] == len(record["text"]) and record["language"] == "en"
+    # Provenance: the line of a JSONL record, the byte offset where a text starts.
+    assert documents["corpus/records.jsonl:5#0"]["row"] == 5 and documents["corpus/records.jsonl:5#0"]["source"].endswith("records.jsonl")
+    assert documents["corpus/notes.txt#0"]["offset"] == 0
 
     html = texts["corpus/page.html"]
     assert html.startswith("Visible heading\n\nFirst paragraph & an entity, A paragraph")
@@ -130,7 +149,7 @@ def test_html_to_text_keeps_structure_and_drops_markup() -> None:
         "<div>one <b>bold</b>\n   word</div><p>two<br>three</p><pre>  keep\n    indent</pre>"
         "<table><tr><td>a</td><td>b</td></tr></table><!-- comment --></body></html>"
     )
-    assert clean_text(html_to_text(html)) == "one bold word\n\ntwo\nthree\n\n  keep\n    indent\n\na\tb"
+    assert clean_text(extract_html(html, "builtin")) == "one bold word\n\ntwo\nthree\n\n  keep\n    indent\n\na\tb"
 
 
 def test_unusable_files_are_reported_not_fatal(tmp_path: Path) -> None:
@@ -156,7 +175,7 @@ def test_unusable_files_are_reported_not_fatal(tmp_path: Path) -> None:
     assert reasons["broken.txt.gz"] == "corrupt_compressed"
     assert reasons["truncated.txt.gz"] == "corrupt_compressed"
     assert reasons["truncated.md.zst"] == "corrupt_compressed"
-    assert reasons["dangling.txt"] == "unreadable"
+    assert reasons["dangling.txt"] == "broken_symlink"
     assert reasons["pipe.txt"] == "not_a_regular_file"
     if os.access(locked, os.R_OK):  # root reads anything: the permission check cannot be exercised
         assert "locked.txt" not in reasons
@@ -174,7 +193,8 @@ def test_a_large_file_is_cut_at_blank_lines(tmp_path: Path) -> None:
     text = "\n\n".join(paragraphs[:30] + [long_paragraph, long_line] + paragraphs[30:])
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
 
-    report, out_dir = build(tmp_path, [tmp_path / "big.txt"], max_doc_chars=300, min_chars=0, val_fraction=0.0)
+    report, out_dir = build(tmp_path, [tmp_path / "big.txt"], max_doc_chars=300, min_chars=0, val_fraction=0.0,
+                            language={"enabled": False})  # the word lists in it are no language
 
     pieces = [record["text"] for record in iter_documents(out_dir, "train")]
     ids = [record["id"] for record in iter_documents(out_dir, "train")]
@@ -318,7 +338,7 @@ def test_iter_documents_needs_a_finished_folder(tmp_path: Path) -> None:
         iter_documents(tmp_path / "absent", "train")
     _, out_dir = build(tmp_path, ["stdlib:topics"])
     with pytest.raises(LmforgeError, match="unknown data split"):
-        iter_documents(out_dir, "test")
+        iter_documents(out_dir, "dev")
 
 
 def test_data_inputs_follow_the_files(tmp_path: Path, mixed_corpus: Path) -> None:

@@ -1,139 +1,213 @@
-"""The data stage: read the sources, clean, cut, deduplicate and split documents, and write the data folder.
+"""The data stage: read the sources, run every step, deduplicate, split and mix, and write the data folder.
 
 The folder it writes::
 
-    train-00000.jsonl.gz ...     kept documents, {"id", "text", "source", "chars"} per line
-    val-00000.jsonl.gz ...       the held-out split, same records
-    rejected/rejected-00000.jsonl.gz ...   every dropped document, with "reason" (and "duplicate_of")
+    train-00000.jsonl.gz ...     kept documents, {"id", "text", "source", "chars", provenance and step metadata} per line
+    val-00000.jsonl.gz ...       the held-out split (and test-*.jsonl.gz with data.test_fraction), same records
+    rejected/rejected-00000.jsonl.gz ...   every dropped document and skipped file, with "reason" (and "duplicate_of")
     report.json                  counts for every step (also the manifest's stats)
     manifest.json                written last: the folder is complete only once it exists
+    work/                        while building: the plan and one folder per finished work shard (removed at the end)
 
-Every shard's bytes depend only on the recipe and the inputs, so two builds of the same data are
-byte-identical. Shards are read back with ``iter_documents``.
+How it runs: the inputs are planned into work shards (lmforge/data/plan.py); each shard is processed alone
+by a worker process (lmforge/data/process.py), so a killed build resumes at the first unfinished shard and a
+cluster can run shards as separate tasks (``task=(i, n)``); the merge (lmforge/data/merge.py) then does what
+needs every document at once. Every shard's bytes depend only on the recipe and the inputs, so two builds of
+the same data are byte-identical, however many workers or tasks made them. Shards are read back with
+``iter_documents``.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from tqdm import tqdm
 
-from lmforge.artifacts import atomic_write_json, fingerprint, fresh_folder, read_manifest, write_manifest
+from lmforge.artifacts import atomic_write_json, fingerprint, read_json, read_manifest, write_manifest
 from lmforge.config import DataConfig
-from lmforge.data.clean import clean_text, cut_into_pieces, rejection_reason
-from lmforge.data.readers import RawDocument, SkippedFile, list_files, read_file
-from lmforge.data.stdlib_docs import module_documents, topic_documents
+from lmforge.data.merge import MAX_LISTED_SKIPPED_FILES, merge_shards
+from lmforge.data.plan import file_identity, inputs_fingerprints, plan_shards, resolve_sources, units_from_json, units_to_json
+from lmforge.data.process import process_shard
 from lmforge.errors import LmforgeError
 
 STAGE = "data"
-SPLITS = ("train", "val")
-# `stdlib` is the whole standard-library corpus; the variants pick one half of it.
-STDLIB_SOURCES = {"stdlib": ("topics", "modules"), "stdlib:topics": ("topics",), "stdlib:modules": ("modules",)}
-# Part of the stdlib inputs' fingerprint: bump it when the extracted text changes, so old folders rebuild.
-STDLIB_CORPUS_VERSION = 1
+SPLITS = ("train", "val", "test")
 GZIP_LEVEL = 6
+# Part of the work plan's key: bump it when the steps change what a shard holds, so stale work is discarded.
+PIPELINE_VERSION = 2
+# Settings that change how the work is divided, never what comes out: left out of the fingerprint.
+SCHEDULING_FIELDS = {"workers", "shard_mb"}
 
 
-@dataclass(frozen=True)
-class FileSource:
-    """A file or folder named in the recipe, with the files found in it and the id prefix of each."""
-
-    spec: str
-    files: list[tuple[Path, str]]
+def stage_config(config: DataConfig) -> dict:
+    """The recipe section as the manifest records it (without the scheduling settings, which change no output byte)."""
+    return config.model_dump(mode="json", exclude=SCHEDULING_FIELDS)
 
 
-@dataclass(frozen=True)
-class StdlibSource:
-    """`stdlib` or one of its variants; ``parts`` is a subset of ("topics", "modules")."""
+def build_corpus(config: DataConfig, out_dir: Path, progress: bool = True, task: tuple[int, int] | None = None,
+                 merge_only: bool = False, keep_work: bool = False) -> dict:
+    """Build the data folder; returns the report (also report.json and the manifest's stats).
 
-    spec: str
-    parts: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class KeptDocument:
-    """A piece that passed every filter; ``digest`` (sha256 of the text) decides its split."""
-
-    id: str
-    text: str
-    source: str
-    digest: bytes
-
-    def record(self) -> dict:
-        return {"id": self.id, "text": self.text, "source": self.source, "chars": len(self.text)}
-
-
-@dataclass
-class Tally:
-    """Counts gathered while reading and filtering, for the report."""
-
-    files_read: int = 0
-    skipped_files: list[dict] = field(default_factory=list)
-    documents_read: int = 0
-    documents_after_cutting: int = 0
-    rejected: Counter = field(default_factory=Counter)
-    stdlib_modules_failed: list[dict] = field(default_factory=list)
-
-    def skip(self, path: Path, reason: str, detail: str) -> None:
-        self.skipped_files.append({"path": str(path), "reason": reason, "detail": detail})
-
-    def skipped_by_reason(self) -> dict[str, int]:
-        return dict(sorted(Counter(item["reason"] for item in self.skipped_files).items()))
-
-
-def build_corpus(config: DataConfig, out_dir: Path, progress: bool = True) -> dict:
-    """Read config.sources, clean, dedup, split; write shards + report.json + rejected/ + manifest.json (last).
-
-    Returns the stats dict (the same as report.json). Raises LmforgeError when a source does not
-    exist or no document survives filtering (the folder is then left without a manifest).
+    ``task=(i, n)`` processes only the shards whose index is i modulo n and returns a short summary, so
+    n cluster tasks can share the work; ``merge_only`` then checks that every shard is finished and merges.
+    Without either, every unfinished shard is processed (by ``config.workers`` processes) and merged.
+    Raises LmforgeError when a source does not exist or no document survives the steps.
     """
     started = time.perf_counter()
-    sources = resolve_sources(config.sources)
-    inputs = inputs_fingerprints(sources)  # taken before reading, so a file edited meanwhile triggers a rebuild
-    out_dir = fresh_folder(out_dir)
-    tally = Tally()
-    with ShardWriter(out_dir / "rejected", "rejected", config.shard_docs) as rejected:
-        kept = select_documents(iter_raw_documents(sources, tally, config.text_field, progress), config, tally, rejected)
-    report = {"sources": list(config.sources), **tally_report(tally)}
-    if not kept:
-        atomic_write_json(out_dir / "report.json", report)
-        details = out_dir / "report.json"
-        raise LmforgeError(f"no documents left after filtering: {what_happened(tally)}; details in {details}")
-    train, val = split_documents(kept, config.val_fraction)
-    for split, documents in (("train", train), ("val", val)):
-        with ShardWriter(out_dir, split, config.shard_docs) as writer:
-            for document in documents:
-                writer.write(document.record())
-        report[f"{split}_documents"] = len(documents)
-        report[f"{split}_chars"] = sum(len(document.text) for document in documents)
-        report[f"{split}_shards"] = writer.shard_names
+    sources = resolve_sources(config)
+    inputs = all_inputs(config, sources)  # taken before reading, so a file edited meanwhile triggers a rebuild
+    out_dir = Path(out_dir)
+    work = out_dir / "work"
+    plan = load_or_make_plan(config, sources, inputs, out_dir, work)
+    shards = units_from_json(plan["shards"])
+    shard_dirs = [work / "shards" / f"{index:05d}" for index in range(len(shards))]
+    index_path = decontamination_index(config, work)
+    if not merge_only:
+        mine = [index for index in range(len(shards)) if task is None or index % task[1] == task[0]]
+        todo = [index for index in mine if not (shard_dirs[index] / "done.json").exists()]
+        text_fields = {source.index: source.text_field for source in sources}
+        run_shards(todo, shards, config, text_fields, shard_dirs, index_path, progress)
+        if task is not None:
+            return {"task": task[0], "tasks": task[1], "shards": len(mine), "processed_now": len(todo),
+                    "shards_total": len(shards), "work": str(work)}
+    unfinished = [index for index, folder in enumerate(shard_dirs) if not (folder / "done.json").exists()]
+    if unfinished:
+        listed = ", ".join(map(str, unfinished[:10])) + (" ..." if len(unfinished) > 10 else "")
+        raise LmforgeError(f"{len(unfinished)} of {len(shards)} work shards are not finished (shards {listed}); run the "
+                           f"missing `--task i --tasks n` jobs (or `lmforge data` without --merge) first")
+    dones = [read_json(folder / "done.json", "work shard summary") for folder in shard_dirs]
+    clear_outputs(out_dir)
+
+    def writer(folder: Path, prefix: str) -> ShardWriter:
+        return ShardWriter(folder, prefix, config.shard_docs)
+
+    report, skipped = merge_shards(shard_dirs, dones, sources, config, out_dir, work, writer, progress)
+    skipped = plan["skipped"] + skipped
+    report["files_skipped"] = len(skipped)
+    report["files_skipped_by_reason"] = count_reasons(skipped)
+    report["skipped_files"] = skipped[:MAX_LISTED_SKIPPED_FILES]
+    for split in SPLITS:
+        report[f"{split}_shards"] = sorted(path.name for path in out_dir.glob(f"{split}-*.jsonl.gz"))
     report["seconds"] = round(time.perf_counter() - started, 3)
+    report = json.loads(json.dumps(report))  # as report.json and the manifest will hold it (string keys)
+    if report["kept"] == 0:
+        atomic_write_json(out_dir / "report.json", report)
+        raise LmforgeError(f"no documents left after filtering: {what_happened(report)}; details in {out_dir / 'report.json'}")
     atomic_write_json(out_dir / "report.json", report)
-    write_manifest(out_dir, STAGE, config.model_dump(mode="json"), inputs, report)
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    write_manifest(out_dir, STAGE, stage_config(config), inputs, report)
     return report
+
+
+def load_or_make_plan(config: DataConfig, sources, inputs: dict, out_dir: Path, work: Path) -> dict:
+    """The work plan: reused when an unfinished build of the same recipe and inputs left one, else made afresh."""
+    key = fingerprint(stage_config(config), config.shard_mb, inputs, PIPELINE_VERSION)
+    path = work / "plan.json"
+    if path.exists():
+        try:
+            plan = json.loads(path.read_text(encoding="utf-8"))
+            if plan.get("key") == key:
+                return plan
+        except (OSError, ValueError):
+            pass
+    if out_dir.exists():
+        shutil.rmtree(work, ignore_errors=True)
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+    shards, skipped = plan_shards(sources, int(config.shard_mb * (1 << 20)))
+    plan = {"key": key, "shards": units_to_json(shards), "skipped": skipped}
+    atomic_write_json(path, plan)
+    return plan
+
+
+def decontamination_index(config: DataConfig, work: Path) -> Path | None:
+    """Build the evaluation n-gram index once per build (workers load it); None when the step is off."""
+    if not config.decontamination.enabled:
+        return None
+    path = work / "decontamination.npy"
+    if not path.exists():
+        from lmforge.data.decontaminate import build_index
+
+        section = config.decontamination
+        build_index(section.eval_files, section.eval_field, section.ngram).save(path)
+    return path
+
+
+def run_shards(todo: list[int], shards, config: DataConfig, text_fields: dict, shard_dirs: list[Path], index_path,
+               progress: bool) -> None:
+    if not todo:
+        return
+    workers = min(config.workers or os.cpu_count() or 1, len(todo))
+    total_bytes = sum(unit.size for index in todo for unit in shards[index])
+    bar = tqdm(total=total_bytes, desc="data: processing shards", unit="B", unit_scale=True, disable=not progress,
+               file=sys.stderr, leave=False)
+    try:
+        if workers == 1:
+            for index in todo:
+                process_shard(index, shards[index], config, text_fields, shard_dirs[index], index_path, progress)
+                bar.update(sum(unit.size for unit in shards[index]))
+            return
+        # spawn: a clean interpreter per worker (a forked copy of a process that has loaded torch can deadlock)
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(process_shard, index, shards[index], config, text_fields, shard_dirs[index], index_path,
+                                   False): index for index in todo}
+            for future in as_completed(futures):
+                future.result()
+                bar.update(sum(unit.size for unit in shards[futures[future]]))
+    finally:
+        bar.close()
+
+
+def clear_outputs(out_dir: Path) -> None:
+    """Remove a previous build's outputs (never the work folder), so no stale shard survives next to new ones."""
+    for entry in out_dir.iterdir():
+        if entry.name == "work":
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def count_reasons(items: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item["reason"]] = counts.get(item["reason"], 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def data_inputs(config: DataConfig) -> dict[str, str]:
     """Fingerprints of the inputs, one per source, for the manifest and the up-to-date check.
 
     A file or folder is fingerprinted by (resolved path, size, mtime_ns) of every file found in it;
-    a stdlib source by the Python version. Raises LmforgeError for a source that does not exist.
+    a stdlib source by the Python version; evaluation files for decontamination likewise. Raises LmforgeError for a
+    source that does not exist.
     """
-    return inputs_fingerprints(resolve_sources(config.sources))
+    return all_inputs(config, resolve_sources(config))
+
+
+def all_inputs(config: DataConfig, sources) -> dict[str, str]:
+    inputs = inputs_fingerprints(sources)
+    if config.decontamination.enabled:
+        missing = [path for path in config.decontamination.eval_files if not os.path.exists(path)]
+        if missing:
+            raise LmforgeError(f"decontamination evaluation file not found: {missing[0]}")
+        inputs["decontamination"] = fingerprint([file_identity(Path(path)) for path in config.decontamination.eval_files])
+    return inputs
 
 
 def iter_documents(data_dir: Path, split: str) -> Iterator[dict]:
-    """Yield the {"id", "text", "source", "chars"} records of one split ("train" or "val") of a finished data folder.
+    """Yield the records of one split ("train", "val" or "test") of a finished data folder.
 
     Raises LmforgeError (at the call, not at the first record) if the folder has no manifest.json
     or the split is unknown, and while iterating if a shard is corrupt.
@@ -155,176 +229,17 @@ def iter_shard_records(shards: list[Path]) -> Iterator[dict]:
             raise LmforgeError(f"corrupt data shard {shard}: {problem}; run `lmforge data` again") from None
 
 
-def resolve_sources(specs: list[str]) -> list[FileSource | StdlibSource]:
-    """Check every source exists and list its files; ids are paths relative to the sources' common parent folder."""
-    resolved: list[StdlibSource | Path] = []
-    for spec in specs:
-        if spec in STDLIB_SOURCES:
-            resolved.append(StdlibSource(spec, STDLIB_SOURCES[spec]))
-        elif spec.startswith("stdlib:"):
-            raise LmforgeError(f"unknown data source `{spec}`; the stdlib sources are {', '.join(STDLIB_SOURCES)}")
-        elif not Path(spec).exists():
-            raise LmforgeError(f"data source not found: {spec}")
-        else:
-            resolved.append(Path(spec))
-    paths = [Path(os.path.abspath(item)) for item in resolved if isinstance(item, Path)]
-    common_parent = Path(os.path.commonpath([path.parent for path in paths])) if paths else None
-    sources = []
-    for spec, item in zip(specs, resolved):
-        if isinstance(item, StdlibSource):
-            sources.append(item)
-            continue
-        label = Path(os.path.abspath(item)).relative_to(common_parent).as_posix()
-        if item.is_dir():
-            files = [(path, f"{label}/{path.relative_to(item).as_posix()}") for path in list_files(item)]
-        else:
-            files = [(item, label)]
-        sources.append(FileSource(spec, files))
-    return sources
-
-
-def inputs_fingerprints(sources: list[FileSource | StdlibSource]) -> dict[str, str]:
-    inputs = {}
-    for source in sources:
-        if isinstance(source, StdlibSource):
-            inputs[source.spec] = fingerprint("stdlib", source.parts, sys.version, STDLIB_CORPUS_VERSION)
-        else:
-            inputs[source.spec] = fingerprint([file_identity(path) for path, _ in source.files])
-    return inputs
-
-
-def file_identity(path: Path) -> tuple[str, int, int]:
-    try:
-        status = path.stat()
-    except OSError:  # a broken symlink still counts as a file found
-        status = path.lstat()
-    return str(path.resolve()), status.st_size, status.st_mtime_ns
-
-
-def iter_raw_documents(
-    sources: list[FileSource | StdlibSource], tally: Tally, text_field: str, progress: bool
-) -> Iterator[RawDocument]:
-    """Every document of every source in recipe order; unusable files are recorded in the tally, not raised."""
-    files_done: set[Path] = set()
-    for source in sources:
-        if isinstance(source, FileSource):
-            yield from iter_file_documents(source, files_done, tally, text_field, progress)
-            continue
-        if "topics" in source.parts:
-            yield from topic_documents()
-        if "modules" in source.parts:
-            documents, failed = module_documents(progress)
-            tally.stdlib_modules_failed.extend(failed)
-            yield from documents
-
-
-def iter_file_documents(
-    source: FileSource, files_done: set[Path], tally: Tally, text_field: str, progress: bool
-) -> Iterator[RawDocument]:
-    """The documents of a file source's files, skipping files already read through an earlier source."""
-    bar = tqdm(source.files, desc=f"reading {source.spec}", unit="file", disable=not progress, file=sys.stderr, leave=False)
-    for path, doc_id in bar:
-        real_path = path.resolve()
-        if real_path in files_done:
-            tally.skip(path, "already_read", "named by an earlier source")
-            continue
-        files_done.add(real_path)
-        try:
-            documents = read_file(path, doc_id, text_field)
-        except SkippedFile as skipped:
-            tally.skip(path, skipped.reason, skipped.detail)
-            continue
-        tally.files_read += 1
-        yield from documents
-
-
-def select_documents(
-    raw_documents: Iterable[RawDocument], config: DataConfig, tally: Tally, rejected: ShardWriter
-) -> list[KeptDocument]:
-    """Clean and cut each document; keep the pieces that are long enough and not seen before, reject the rest.
-
-    Each piece's id is ``<document id>#<piece index>``. Rejected pieces are written to ``rejected``
-    with their reason; a duplicate also names the id of the piece it repeats.
-    """
-    first_id_by_digest: dict[bytes, str] = {}
-    kept: list[KeptDocument] = []
-
-    def reject(record: dict, reason: str, **details: str) -> None:
-        tally.rejected[reason] += 1
-        rejected.write({**record, "reason": reason, **details})
-
-    for raw in raw_documents:
-        tally.documents_read += 1
-        if raw.rejected_because:
-            tally.documents_after_cutting += 1
-            record = {"id": raw.id, "text": raw.text, "source": raw.source, "chars": len(raw.text)}
-            reject(record, raw.rejected_because, detail=raw.detail or "")
-            continue
-        for index, piece in enumerate(cut_into_pieces(clean_text(raw.text), config.max_doc_chars)):
-            tally.documents_after_cutting += 1
-            record = {"id": f"{raw.id}#{index}", "text": piece, "source": raw.source, "chars": len(piece)}
-            reason = rejection_reason(piece, config.min_chars)
-            if reason:
-                reject(record, reason)
-                continue
-            digest = hashlib.sha256(piece.encode("utf-8")).digest()
-            if digest in first_id_by_digest:
-                reject(record, "duplicate", duplicate_of=first_id_by_digest[digest])
-                continue
-            first_id_by_digest[digest] = record["id"]
-            kept.append(KeptDocument(record["id"], piece, raw.source, digest))
-    return kept
-
-
-def split_position(digest: bytes) -> float:
-    """Where a document falls in [0, 1): those below val_fraction go to validation."""
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def split_documents(kept: list[KeptDocument], val_fraction: float) -> tuple[list[KeptDocument], list[KeptDocument]]:
-    """(train, val) by content hash, in reading order. With val_fraction > 0 and two or more documents
-    neither split is empty: the document nearest the boundary changes side if needed. A single
-    document always goes to train."""
-    positions = [split_position(document.digest) for document in kept]
-    in_val = [position < val_fraction for position in positions]
-    if len(kept) == 1:
-        in_val = [False]
-    elif val_fraction > 0 and not any(in_val):
-        in_val[positions.index(min(positions))] = True
-    elif val_fraction > 0 and all(in_val):
-        in_val[positions.index(max(positions))] = False
-    train = [document for document, is_val in zip(kept, in_val) if not is_val]
-    val = [document for document, is_val in zip(kept, in_val) if is_val]
-    return train, val
-
-
-def tally_report(tally: Tally) -> dict:
-    kept = tally.documents_after_cutting - sum(tally.rejected.values())
-    return {
-        "files_read": tally.files_read,
-        "files_skipped": len(tally.skipped_files),
-        "files_skipped_by_reason": tally.skipped_by_reason(),
-        "skipped_files": tally.skipped_files,
-        "documents_read": tally.documents_read,
-        "documents_after_cutting": tally.documents_after_cutting,
-        "rejected": dict(sorted(tally.rejected.items())),
-        "rejected_total": sum(tally.rejected.values()),
-        "kept": kept,
-        "stdlib_modules_failed": tally.stdlib_modules_failed,
-    }
-
-
-def what_happened(tally: Tally) -> str:
+def what_happened(report: dict) -> str:
     """A one-line account of where the documents went, for the empty-corpus error."""
 
     def listing(counts: dict[str, int]) -> str:
         return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
 
-    parts = [f"{tally.documents_read} documents read ({tally.documents_after_cutting} after cutting)"]
-    if tally.rejected:
-        parts.append(f"rejected: {listing(tally.rejected)}")
-    if tally.skipped_files:
-        parts.append(f"{tally.files_read} files read, skipped: {listing(tally.skipped_by_reason())}")
+    parts = [f"{report['documents_read']} documents read ({report['documents_after_cutting']} after cutting)"]
+    if report["rejected"]:
+        parts.append(f"rejected: {listing(report['rejected'])}")
+    if report["files_skipped"]:
+        parts.append(f"{report['files_read']} files read, skipped: {listing(report['files_skipped_by_reason'])}")
     return "; ".join(parts)
 
 
@@ -357,9 +272,13 @@ class ShardWriter:
             self.temp_path.unlink(missing_ok=True)
 
     def write(self, record: dict) -> None:
+        self.write_line((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def write_line(self, line: bytes) -> None:
+        """Write one already-encoded JSON line (ending in a newline)."""
         if self.compressed is None:
             self.start_shard()
-        self.compressed.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.compressed.write(line)
         self.records_in_shard += 1
         if self.records_in_shard == self.docs_per_shard:
             self.finish_shard()

@@ -42,13 +42,13 @@ def topic_documents() -> list[RawDocument]:
     """One document per pydoc topic, in name order."""
     from pydoc_data.topics import topics
 
-    return [RawDocument(f"stdlib/topic/{name}", topics[name], f"stdlib:topic {name}") for name in sorted(topics)]
+    return [RawDocument(f"stdlib/topic/{name}", topics[name], f"stdlib:topic {name}", kind="text") for name in sorted(topics)]
 
 
 def module_documents(progress: bool = True) -> tuple[list[RawDocument], list[dict[str, str]]]:
     """One document per importable public stdlib module, and the modules that failed ({"module", "error"})."""
     docs = collect_module_docs(progress=progress)
-    documents = [RawDocument(f"stdlib/module/{name}", text, f"stdlib:module {name}") for name, text in docs.documents]
+    documents = [RawDocument(f"stdlib/module/{name}", text, f"stdlib:module {name}", kind="text") for name, text in docs.documents]
     return documents, docs.failed
 
 

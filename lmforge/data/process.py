@@ -1,0 +1,374 @@
+"""Processing one work shard: read its inputs, then run every per-document step and keep what survives.
+
+The steps, in order (each on/off in the recipe, each counting documents and bytes in and out, rejections by
+reason with example ids, and changes made):
+
+    read -> extract -> normalize -> cut -> length -> language -> quality -> toxicity -> decontamination -> pii
+
+Global steps (exact and near-duplicate removal, split, mixing) need every shard and run in the merge
+(lmforge/data/merge.py). A shard's folder holds::
+
+    docs.jsonl.gz       the surviving documents, one JSON object per line, in reading order
+    rejected.jsonl.gz   every document dropped here, with "reason" (and "detail"), and every skipped file
+    dedup.npz           per surviving document: exact-dedup key, split hashes, source index, chars, language
+    signatures.npy      per surviving document: its MinHash signature (num_perm uint32; no columns without near-dedup)
+    done.json           the shard's counts; written last, so a shard is finished exactly when it exists
+
+Everything in the folder depends only on the shard's inputs and the recipe, which is what makes a
+resumed build (or one made of cluster tasks) byte-identical to a build in one go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from lmforge.artifacts import atomic_write_json
+from lmforge.config import DataConfig
+from lmforge.data.clean import clean_text, cut_into_pieces, rejection_reason
+from lmforge.data.plan import Unit
+from lmforge.data.readers import RawDocument, ReadOptions, SkippedFile, read_documents
+
+STEPS = ("read", "extract", "normalize", "cut", "length", "language", "quality", "toxicity", "decontamination", "pii")
+GLOBAL_STEPS = ("exact_dedup", "near_dedup", "split")
+EXAMPLES_PER_REASON = 3
+WORK_GZIP_LEVEL = 1  # work files are read once by the merge: speed matters more than size
+
+
+@dataclass
+class StepStats:
+    """What one step saw: documents and UTF-8 bytes in and out, rejections by reason (with a few example ids), changes."""
+
+    documents_in: int = 0
+    documents_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    changed: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def reject(self, reason: str, doc_id: str) -> None:
+        self.rejected[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < EXAMPLES_PER_REASON:
+            examples.append(doc_id)
+
+    def to_json(self) -> dict:
+        return {"documents_in": self.documents_in, "documents_out": self.documents_out, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "rejected": dict(sorted(self.rejected.items())),
+                "changed": dict(sorted(self.changed.items())), "examples": dict(sorted(self.examples.items()))}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StepStats":
+        return cls(data["documents_in"], data["documents_out"], data["bytes_in"], data["bytes_out"], Counter(data["rejected"]),
+                   Counter(data["changed"]), {reason: list(ids) for reason, ids in data["examples"].items()})
+
+    def add(self, other: "StepStats") -> None:
+        self.documents_in += other.documents_in
+        self.documents_out += other.documents_out
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.rejected.update(other.rejected)
+        self.changed.update(other.changed)
+        for reason, ids in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine.extend(ids[: EXAMPLES_PER_REASON - len(mine)])
+
+
+def utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
+
+
+@dataclass
+class Piece:
+    """A document on its way through the steps, with the metadata they add."""
+
+    id: str
+    text: str
+    raw: RawDocument
+    meta: dict = field(default_factory=dict)
+
+
+class DocumentSteps:
+    """The per-document steps of a recipe, built once per worker process."""
+
+    def __init__(self, config: DataConfig, decontamination_index: Path | None):
+        from lmforge.data.dedup import MinHasher
+        from lmforge.data.extract import strip_markup
+
+        self.config = config
+        self.stats = {name: StepStats() for name in STEPS}
+        self.strip_markup = strip_markup if config.extraction.strip_markup else None
+        self.normalizer = self.language = self.quality = self.toxicity = self.contamination = self.pii = None
+        if config.normalize.enabled:
+            from lmforge.data.normalize import Normalizer
+
+            self.normalizer = Normalizer(config.normalize)
+        if config.language.enabled:
+            from lmforge.data.language import LanguageFilter
+
+            self.language = LanguageFilter(config.language)
+        if config.quality.enabled:
+            from lmforge.data.quality import QualityFilter
+
+            self.quality = QualityFilter(config.quality)
+        if config.toxicity.enabled:
+            from lmforge.data.toxicity import WordListFilter
+
+            self.toxicity = WordListFilter(config.toxicity)
+        if decontamination_index is not None:
+            from lmforge.data.decontaminate import NGramIndex
+
+            self.contamination = NGramIndex.load(decontamination_index)
+        if config.pii.enabled and config.pii.kinds:
+            from lmforge.data.pii import PiiScrubber
+
+            self.pii = PiiScrubber(config.pii.kinds)
+        dedup = config.dedup
+        self.minhasher = MinHasher(dedup.num_perm, dedup.shingle_words, dedup.seed) if dedup.near else None
+
+    def run(self, raw: RawDocument, reject) -> Iterator[Piece]:
+        """The pieces of one read document that pass every step; ``reject(piece, step, reason, detail)`` gets the others."""
+        read = self.stats["read"]
+        read.documents_in += 1
+        size = utf8_size(raw.text)
+        read.bytes_in += size
+        if raw.replaced_bytes:
+            read.changed["invalid_utf8_replaced_bytes"] += raw.replaced_bytes
+        if raw.rejected_because:
+            read.reject(raw.rejected_because, raw.id)
+            reject(Piece(raw.id, raw.text, raw), raw.rejected_because, raw.detail or "")
+            return
+        read.documents_out += 1
+        read.bytes_out += size
+        text = self._extract(raw)
+        text = self._normalize(text)
+        cut = self.stats["cut"]
+        cut.documents_in += 1
+        cut.bytes_in += utf8_size(text)
+        pieces = cut_into_pieces(text, self.config.max_doc_chars)
+        cut.documents_out += len(pieces)
+        if len(pieces) > 1:
+            cut.changed["documents_cut"] += 1
+        for index, text in enumerate(pieces):
+            cut.bytes_out += utf8_size(text)
+            piece = Piece(f"{raw.id}#{index}", text, raw)
+            reason = self._filter(piece)
+            if reason:
+                reject(piece, reason, "")
+            else:
+                yield piece
+
+    def _extract(self, raw: RawDocument) -> str:
+        step = self.stats["extract"]
+        step.documents_in += 1
+        step.bytes_in += utf8_size(raw.text)
+        text = raw.text
+        if self.strip_markup is not None and raw.kind in ("markdown", "rst"):
+            text = self.strip_markup(text, raw.kind)
+            step.changed[f"{raw.kind}_stripped"] += 1
+        text = clean_text(text)
+        step.documents_out += 1
+        step.bytes_out += utf8_size(text)
+        return text
+
+    def _normalize(self, text: str) -> str:
+        step = self.stats["normalize"]
+        step.documents_in += 1
+        step.bytes_in += utf8_size(text)
+        if self.normalizer is not None:
+            text, changes = self.normalizer(text)
+            step.changed.update(changes)
+        step.documents_out += 1
+        step.bytes_out += utf8_size(text)
+        return text
+
+    def _filter(self, piece: Piece) -> str | None:
+        """Run the piece through length, language, quality, toxicity, decontamination and PII; the rejection reason or None."""
+        for name, check in (("length", self._length), ("language", self._language), ("quality", self._quality),
+                            ("toxicity", self._toxicity), ("decontamination", self._decontaminate), ("pii", self._scrub)):
+            step = self.stats[name]
+            step.documents_in += 1
+            step.bytes_in += utf8_size(piece.text)
+            reason = check(piece, step)
+            if reason:
+                step.reject(reason, piece.id)
+                return reason
+            step.documents_out += 1
+            step.bytes_out += utf8_size(piece.text)
+        return None
+
+    def _length(self, piece: Piece, step: StepStats) -> str | None:
+        return rejection_reason(piece.text, self.config.min_chars)
+
+    def _language(self, piece: Piece, step: StepStats) -> str | None:
+        if self.language is None:
+            return None
+        reason, language, score = self.language(piece.text)
+        piece.meta["language"], piece.meta["language_score"] = language, round(float(score), 4)
+        step.changed[f"language:{language}"] += 1
+        return reason
+
+    def _quality(self, piece: Piece, step: StepStats) -> str | None:
+        if self.quality is None:
+            return None
+        text, reason, lines_removed = self.quality(piece.text, piece.meta.get("language"))
+        if lines_removed and not reason:
+            step.changed["boilerplate_lines_removed"] += lines_removed
+            step.changed["documents_with_lines_removed"] += 1
+            piece.text = text
+        return reason
+
+    def _toxicity(self, piece: Piece, step: StepStats) -> str | None:
+        if self.toxicity is None:
+            return None
+        reason, hits = self.toxicity(piece.text)
+        if hits and not reason:
+            step.changed["documents_with_listed_words_kept"] += 1
+        return reason
+
+    def _decontaminate(self, piece: Piece, step: StepStats) -> str | None:
+        if self.contamination is None:
+            return None
+        shared = self.contamination.match(piece.text)
+        if shared is not None:
+            piece.meta["contamination"] = shared
+            return "contaminated"
+        return None
+
+    def _scrub(self, piece: Piece, step: StepStats) -> str | None:
+        if self.pii is None:
+            return None
+        text, counts = self.pii(piece.text)
+        if counts:
+            piece.text = text
+            piece.meta["pii"] = dict(sorted(counts.items()))
+            step.changed.update({f"pii_{kind}": count for kind, count in counts.items()})
+            step.changed["documents_scrubbed"] += 1
+        return None
+
+
+_STEPS_CACHE: dict[str, DocumentSteps] = {}
+
+
+def steps_for(config: DataConfig, decontamination_index: Path | None) -> DocumentSteps:
+    """The steps of this recipe, built once per process (loading models and lists is not free), with fresh counts."""
+    key = json.dumps([config.model_dump(mode="json"), str(decontamination_index)], sort_keys=True)
+    if key not in _STEPS_CACHE:
+        _STEPS_CACHE.clear()
+        _STEPS_CACHE[key] = DocumentSteps(config, decontamination_index)
+    steps = _STEPS_CACHE[key]
+    steps.stats = {name: StepStats() for name in STEPS}
+    return steps
+
+
+def iter_unit_documents(unit: Unit, options: ReadOptions, failed_modules: list[dict], progress: bool) -> Iterator[RawDocument]:
+    """The raw documents of one unit; raises SkippedFile for a file that cannot be read at all. Stdlib modules whose
+    import killed or hung the worker are appended to ``failed_modules`` ({"module", "error"})."""
+    if unit.kind == "stdlib":
+        from lmforge.data.stdlib_docs import module_documents, topic_documents
+
+        if unit.path == "topics":
+            yield from topic_documents()
+        else:
+            documents, failed = module_documents(progress)
+            failed_modules.extend(failed)
+            yield from documents
+        return
+    yield from read_documents(Path(unit.path), unit.doc_id, options)
+
+
+def read_options(config: DataConfig, text_field: str) -> ReadOptions:
+    return ReadOptions(text_field=text_field, html_method=config.extraction.html, max_line_bytes=config.max_line_bytes,
+                       max_file_bytes=config.max_file_bytes)
+
+
+def split_hash(text: str) -> tuple[int, int]:
+    """Two independent uniform 64-bit numbers from the text: where it falls in the split, and in the mix's subsampling."""
+    digest = hashlib.sha256(text.encode("utf-8", "replace")).digest()
+    return int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:16], "big")
+
+
+def process_shard(index: int, units: list[Unit], config: DataConfig, text_fields: dict[int, str], folder: Path,
+                  decontamination_index: Path | None, progress: bool = False) -> dict:
+    """Process one shard into ``folder`` (replaced whole); returns its done.json content."""
+    import gzip
+
+    from lmforge.data.dedup import exact_key
+
+    temp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    steps = steps_for(config, decontamination_index)
+    keys: list[bytes] = []
+    signatures: list[np.ndarray] = []
+    hashes: list[tuple[int, int]] = []
+    sources: list[int] = []
+    chars: list[int] = []
+    languages: list[str] = []
+    files = {"read": 0, "skipped": [], "stdlib_modules_failed": []}
+
+    def gzip_writer(name: str):
+        return gzip.GzipFile(filename="", mode="wb", fileobj=open(temp / name, "wb"), compresslevel=WORK_GZIP_LEVEL, mtime=0)
+
+    with gzip_writer("docs.jsonl.gz") as kept, gzip_writer("rejected.jsonl.gz") as rejected:
+        for unit in units:
+            def reject(piece: Piece, reason: str, detail: str, unit=unit) -> None:
+                record = {"id": piece.id, "text": piece.text, "source": piece.raw.source, "reason": reason, **provenance(piece.raw)}
+                if detail:
+                    record["detail"] = detail
+                if piece.meta:
+                    record.update(piece.meta)
+                rejected.write(json_line(record))
+
+            try:
+                for raw in iter_unit_documents(unit, read_options(config, text_fields[unit.source]), files["stdlib_modules_failed"], progress):
+                    for piece in steps.run(raw, reject):
+                        record = {"id": piece.id, "text": piece.text, "source": raw.source, "chars": len(piece.text),
+                                  **provenance(raw), **piece.meta}
+                        kept.write(json_line(record))
+                        keys.append(exact_key(piece.text))
+                        if steps.minhasher is not None:
+                            signatures.append(steps.minhasher(piece.text))
+                        hashes.append(split_hash(piece.text))
+                        sources.append(unit.source)
+                        chars.append(len(piece.text))
+                        languages.append(piece.meta.get("language", ""))
+            except SkippedFile as skipped:
+                files["skipped"].append({"path": unit.path, "reason": skipped.reason, "detail": skipped.detail})
+                rejected.write(json_line({"id": unit.doc_id, "text": "", "source": unit.path, "reason": skipped.reason,
+                                          "detail": skipped.detail, "file_skipped": True}))
+                continue
+            files["read"] += 1
+    num_perm = config.dedup.num_perm if steps.minhasher is not None else 0
+    np.save(temp / "signatures.npy", np.stack(signatures) if signatures else np.zeros((0, num_perm), np.uint32))
+    np.savez(temp / "dedup.npz",
+             keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16),
+             hashes=np.array(hashes, dtype=np.uint64).reshape(len(hashes), 2),
+             sources=np.array(sources, dtype=np.int32), chars=np.array(chars, dtype=np.int64),
+             languages=np.array(languages, dtype="<U8"))
+    done = {"shard": index, "documents": len(keys), "files": files, "steps": {name: stats.to_json() for name, stats in steps.stats.items()}}
+    atomic_write_json(temp / "done.json", done)
+    shutil.rmtree(folder, ignore_errors=True)
+    temp.rename(folder)
+    return done
+
+
+def provenance(raw: RawDocument) -> dict:
+    found = {}
+    if raw.offset is not None:
+        found["offset"] = raw.offset
+    if raw.row is not None:
+        found["row"] = raw.row
+    return found
+
+
+def json_line(record: dict) -> bytes:
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "replace")
