@@ -254,11 +254,20 @@ def merge_shards(shard_dirs: list[Path], dones: list[dict], sources: list[Source
         "length_histogram": length_histogram(arrays.chars[kept]),
         "mix": mix_report(sources, arrays, kept, split, written_docs_by_source, written_chars_by_source),
         "stdlib_modules_failed": [item for done in dones for item in done["files"]["stdlib_modules_failed"]],
+        "worker_seconds": worker_seconds(dones, steps),
     }
     for name in SPLIT_NAMES:
         report[f"{name}_documents"] = split_stats[name]["documents"]
         report[f"{name}_chars"] = split_stats[name]["chars"]
     return report, skipped
+
+
+def worker_seconds(dones: list[dict], steps: dict[str, StepStats]) -> dict[str, float]:
+    """CPU seconds in the workers, per step and for writing and dedup signatures, summed over shards."""
+    seconds: Counter = Counter({name: stats.seconds for name, stats in steps.items()})
+    for done in dones:
+        seconds.update(done.get("seconds", {}))
+    return {name: round(value, 2) for name, value in seconds.items()}
 
 
 def mix_report(sources, arrays, kept, split, docs_written: Counter, chars_written: Counter) -> list[dict]:

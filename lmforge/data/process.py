@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class StepStats:
     rejected: Counter = field(default_factory=Counter)
     changed: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    seconds: float = 0.0  # CPU time of the step in its worker (summed over workers), to show where the time goes
 
     def reject(self, reason: str, doc_id: str) -> None:
         self.rejected[reason] += 1
@@ -63,18 +65,20 @@ class StepStats:
     def to_json(self) -> dict:
         return {"documents_in": self.documents_in, "documents_out": self.documents_out, "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "rejected": dict(sorted(self.rejected.items())),
-                "changed": dict(sorted(self.changed.items())), "examples": dict(sorted(self.examples.items()))}
+                "changed": dict(sorted(self.changed.items())), "examples": dict(sorted(self.examples.items())),
+                "seconds": round(self.seconds, 3)}
 
     @classmethod
     def from_json(cls, data: dict) -> "StepStats":
         return cls(data["documents_in"], data["documents_out"], data["bytes_in"], data["bytes_out"], Counter(data["rejected"]),
-                   Counter(data["changed"]), {reason: list(ids) for reason, ids in data["examples"].items()})
+                   Counter(data["changed"]), {reason: list(ids) for reason, ids in data["examples"].items()}, data.get("seconds", 0.0))
 
     def add(self, other: "StepStats") -> None:
         self.documents_in += other.documents_in
         self.documents_out += other.documents_out
         self.bytes_in += other.bytes_in
         self.bytes_out += other.bytes_out
+        self.seconds += other.seconds
         self.rejected.update(other.rejected)
         self.changed.update(other.changed)
         for reason, ids in other.examples.items():
@@ -148,8 +152,13 @@ class DocumentSteps:
             return
         read.documents_out += 1
         read.bytes_out += size
+        started = time.process_time()
         text = self._extract(raw)
+        self.stats["extract"].seconds += time.process_time() - started
+        started = time.process_time()
         text = self._normalize(text)
+        self.stats["normalize"].seconds += time.process_time() - started
+        started = time.process_time()
         cut = self.stats["cut"]
         cut.documents_in += 1
         cut.bytes_in += utf8_size(text)
@@ -157,6 +166,7 @@ class DocumentSteps:
         cut.documents_out += len(pieces)
         if len(pieces) > 1:
             cut.changed["documents_cut"] += 1
+        cut.seconds += time.process_time() - started
         for index, text in enumerate(pieces):
             cut.bytes_out += utf8_size(text)
             piece = Piece(f"{raw.id}#{index}", text, raw)
@@ -197,7 +207,9 @@ class DocumentSteps:
             step = self.stats[name]
             step.documents_in += 1
             step.bytes_in += utf8_size(piece.text)
+            started = time.process_time()
             reason = check(piece, step)
+            step.seconds += time.process_time() - started
             if reason:
                 step.reject(reason, piece.id)
                 return reason
@@ -314,6 +326,7 @@ def process_shard(index: int, units: list[Unit], config: DataConfig, text_fields
     chars: list[int] = []
     languages: list[str] = []
     files = {"read": 0, "skipped": [], "stdlib_modules_failed": []}
+    timings: Counter = Counter()
 
     def gzip_writer(name: str):
         return gzip.GzipFile(filename="", mode="wb", fileobj=open(temp / name, "wb"), compresslevel=WORK_GZIP_LEVEL, mtime=0)
@@ -329,14 +342,19 @@ def process_shard(index: int, units: list[Unit], config: DataConfig, text_fields
                 rejected.write(json_line(record))
 
             try:
-                for raw in iter_unit_documents(unit, read_options(config, text_fields[unit.source]), files["stdlib_modules_failed"], progress):
+                documents = iter_unit_documents(unit, read_options(config, text_fields[unit.source]), files["stdlib_modules_failed"], progress)
+                for raw in timed(documents, steps.stats["read"]):
                     for piece in steps.run(raw, reject):
                         record = {"id": piece.id, "text": piece.text, "source": raw.source, "chars": len(piece.text),
                                   **provenance(raw), **piece.meta}
+                        started = time.process_time()
                         kept.write(json_line(record))
+                        written = time.process_time()
                         keys.append(exact_key(piece.text))
                         if steps.minhasher is not None:
                             signatures.append(steps.minhasher(piece.text))
+                        timings["write"] += written - started
+                        timings["dedup_signatures"] += time.process_time() - written
                         hashes.append(split_hash(piece.text))
                         sources.append(unit.source)
                         chars.append(len(piece.text))
@@ -354,11 +372,24 @@ def process_shard(index: int, units: list[Unit], config: DataConfig, text_fields
              hashes=np.array(hashes, dtype=np.uint64).reshape(len(hashes), 2),
              sources=np.array(sources, dtype=np.int32), chars=np.array(chars, dtype=np.int64),
              languages=np.array(languages, dtype="<U8"))
-    done = {"shard": index, "documents": len(keys), "files": files, "steps": {name: stats.to_json() for name, stats in steps.stats.items()}}
+    done = {"shard": index, "documents": len(keys), "files": files, "seconds": {k: round(v, 3) for k, v in sorted(timings.items())}, "steps": {name: stats.to_json() for name, stats in steps.stats.items()}}
     atomic_write_json(temp / "done.json", done)
     shutil.rmtree(folder, ignore_errors=True)
     temp.rename(folder)
     return done
+
+
+def timed(items: Iterator, stats: StepStats) -> Iterator:
+    """``items``, adding the CPU time spent producing each one to ``stats.seconds``."""
+    while True:
+        started = time.process_time()
+        try:
+            item = next(items)
+        except StopIteration:
+            stats.seconds += time.process_time() - started
+            return
+        stats.seconds += time.process_time() - started
+        yield item
 
 
 def provenance(raw: RawDocument) -> dict:

@@ -1,0 +1,156 @@
+"""Throughput of the whole data pipeline at 1 and 2 worker processes on a corpus of 100 MB or more.
+
+    python bench/bench_data.py [--mb 100] [--workers 1,2] [--corpus /tmp/lmforge-bench-corpus]
+
+The corpus is made once (and kept) from real English text: sentences of the pydoc topics, the standard
+library's module docstrings and, when ../shared is present, Shakespeare, recombined into distinct documents
+of 3-40 sentences, with planted exact copies (3%), near copies (3%, a few words changed) and documents with
+e-mail addresses and phone numbers (1%). Files are JSONL (the common case) plus a folder of Markdown files.
+No HTML: extraction has its own benchmark (bench/bench_html_extraction.py).
+
+Each run is the default recipe's data section (every default step, near-dedup included) into a fresh
+folder. The table gives documents/s and MB/s of input, MB/s per worker, the speed-up over one worker, and
+where a single worker's CPU time goes (MB/s per step). Target (issue 6): >= 5 MB/s per worker, and near-
+linear scaling with workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import pkgutil
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from lmforge.config import DataConfig
+from lmforge.data.stage import build_corpus
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def real_sentences() -> list[str]:
+    from pydoc_data.topics import topics
+
+    texts = list(topics.values())
+    for module in sorted(name for _, name, _ in pkgutil.iter_modules() if not name.startswith(("_", "test", "idle", "tkinter", "turtle", "this", "antigravity"))):
+        try:
+            docs = inspect.getdoc(importlib.import_module(module)) or ""
+        except Exception:  # some modules cannot be imported here; their docs are not needed
+            continue
+        texts.append(docs)
+    shakespeare = SHARED / "tinyshakespeare.txt"
+    if shakespeare.exists():
+        texts.append(shakespeare.read_text(encoding="utf-8").replace("\n", " "))
+    sentences = []
+    for text in texts:
+        for sentence in SENTENCE.split(" ".join(text.split())):
+            if 6 <= len(sentence.split()) <= 60 and sum(char.isalpha() for char in sentence) > 0.7 * len(sentence):
+                sentences.append(sentence)
+    return list(dict.fromkeys(sentences))
+
+
+def make_corpus(folder: Path, megabytes: float, seed: int = 0) -> Path:
+    marker = folder / "corpus.info"  # not a source format, so the pipeline skips it
+    if marker.exists() and json.loads(marker.read_text())["megabytes"] == megabytes:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "markdown").mkdir(parents=True)
+    rng = random.Random(seed)
+    sentences = real_sentences()
+    target = int(megabytes * 1e6)
+    written = 0
+    documents: list[str] = []
+    file_index = 0
+
+    def flush() -> None:
+        nonlocal documents, file_index
+        path = folder / f"part-{file_index:03d}.jsonl"
+        path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents), encoding="utf-8")
+        documents, file_index = [], file_index + 1
+
+    markdown = 0
+    pool: list[str] = []
+    while written < target:
+        roll = rng.random()
+        if pool and roll < 0.03:
+            text = rng.choice(pool)
+        elif pool and roll < 0.06:
+            words = rng.choice(pool).split()
+            for _ in range(max(1, len(words) // 60)):
+                words[rng.randrange(len(words))] = "altered"
+            text = " ".join(words)
+        else:
+            paragraphs = [" ".join(rng.choice(sentences) for _ in range(rng.randint(2, 8))) for _ in range(rng.randint(1, 5))]
+            text = "\n\n".join(paragraphs)
+            if roll > 0.99:
+                text += f"\n\nContact {rng.choice(['ann', 'bob', 'chen'])}.{rng.randint(1, 999)}@example.org or call +1 415 555 {rng.randint(1000, 9999)}."
+        if rng.random() < 0.02:
+            (folder / "markdown" / f"note-{markdown:05d}.md").write_text(f"# Note {markdown}\n\n*{text}*\n", encoding="utf-8")
+            markdown += 1
+        else:
+            documents.append(text)
+        pool.append(text)
+        if len(pool) > 4000:  # copies come from the recent past, across file boundaries
+            del pool[:2000]
+        written += len(text.encode("utf-8"))
+        if len(documents) == 5000:
+            flush()
+    if documents:
+        flush()
+    marker.write_text(json.dumps({"megabytes": megabytes, "seed": seed}))
+    return folder
+
+
+def corpus_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.suffix in (".jsonl", ".md"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=float, default=100.0, help="corpus size in MB (default 100)")
+    parser.add_argument("--workers", default="1,2", help="worker counts to run (default 1,2)")
+    parser.add_argument("--corpus", type=Path, default=Path("/tmp/lmforge-bench-corpus"), help="where the corpus is made and kept")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/lmforge-bench-data"), help="scratch folder for the outputs")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    corpus = make_corpus(args.corpus, args.mb)
+    size = corpus_bytes(corpus)
+    print(f"corpus: {size / 1e6:.1f} MB in {corpus} (made or found in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    rows = []
+    first_report = None
+    for workers in [int(item) for item in args.workers.split(",")]:
+        out = args.out / f"workers-{workers}"
+        shutil.rmtree(out, ignore_errors=True)
+        config = DataConfig(sources=[str(corpus)], workers=workers)
+        started = time.perf_counter()
+        report = build_corpus(config, out, progress=False)
+        seconds = time.perf_counter() - started
+        first_report = first_report or report
+        rows.append((workers, seconds, report))
+
+    print(f"\n## Data pipeline throughput ({size / 1e6:.0f} MB of JSONL and Markdown, default steps)\n")
+    print("| workers | seconds | documents read/s | MB/s | MB/s per worker | speed-up vs the first row | kept | removed as duplicates |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for workers, seconds, report in rows:
+        removed = report["dedup"]["exact_removed"] + report["dedup"]["near_removed"]
+        print(f"| {workers} | {seconds:.1f} | {report['documents_read'] / seconds:,.0f} | {size / 1e6 / seconds:.2f} | "
+              f"{size / 1e6 / seconds / workers:.2f} | {rows[0][1] / seconds:.2f}x | {report['kept']:,} | {removed:,} |")
+    print("\n## Where one worker's CPU time goes\n")
+    print("| part | CPU seconds | MB/s of input through it alone |")
+    print("| --- | --- | --- |")
+    for name, value in sorted(first_report["worker_seconds"].items(), key=lambda item: -item[1]):
+        if value > 0:
+            print(f"| {name} | {value:.1f} | {size / 1e6 / value:.1f} |")
+    print(f"\nsteps' report: {json.dumps({step['step']: step['rejected'] for step in first_report['steps'] if step['rejected']})}")
+
+
+if __name__ == "__main__":
+    main()
