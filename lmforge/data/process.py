@@ -184,7 +184,6 @@ class DocumentSteps:
         if self.strip_markup is not None and raw.kind in ("markdown", "rst"):
             text = self.strip_markup(text, raw.kind)
             step.changed[f"{raw.kind}_stripped"] += 1
-        text = clean_text(text)
         step.documents_out += 1
         step.bytes_out += utf8_size(text)
         return text
@@ -193,9 +192,10 @@ class DocumentSteps:
         step = self.stats["normalize"]
         step.documents_in += 1
         step.bytes_in += utf8_size(text)
-        if self.normalizer is not None:
+        if self.normalizer is not None:  # before clean_text, whose removal of C1 controls would break repairable mojibake
             text, changes = self.normalizer(text)
             step.changed.update(changes)
+        text = clean_text(text)
         step.documents_out += 1
         step.bytes_out += utf8_size(text)
         return text
