@@ -53,7 +53,7 @@ class ReadOptions:
     """How to read source files; the stage fills it from the recipe (`data` and the source's own settings)."""
 
     text_field: str = "text"          # JSON field / CSV-TSV column / Parquet or Arrow column with the text
-    html_method: str = "trafilatura"
+    html_method: str = "selectolax"
     max_line_bytes: int = 16 << 20    # a JSONL/CSV line longer than this is rejected ("line_too_long") without buffering it
     max_file_bytes: int = 64 << 20    # html/json files are read whole; bigger ones: SkippedFile("file_too_large")
     block_chars: int = 1 << 20        # text-like files are streamed as blocks of at most this many characters
