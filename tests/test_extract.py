@@ -110,8 +110,9 @@ def test_selectolax_never_takes_the_page_itself_for_furniture():
 
 
 def test_trafilatura_output_is_deterministic_and_a_bare_fragment_is_read():
-    assert extract_html(ARTICLE_PAGE) == extract_html(ARTICLE_PAGE, "trafilatura")
-    assert extract_html("<p>A fragment with <b>no</b> html element around it.</p>") == "A fragment with no html element around it."
+    assert extract_html(ARTICLE_PAGE, "trafilatura") == extract_html(ARTICLE_PAGE, "trafilatura")
+    fragment = "<p>A fragment with <b>no</b> html element around it.</p>"
+    assert extract_html(fragment, "trafilatura") == "A fragment with no html element around it."
 
 
 MALFORMED = (
