@@ -23,7 +23,9 @@ import json
 import pkgutil
 import random
 import re
+import resource
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -112,7 +114,22 @@ def corpus_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.suffix in (".jsonl", ".md"))
 
 
+def one_build(corpus: str, out: str, workers: int) -> None:
+    """Build the corpus once (a child of main) and print the time and peak memory as the last line."""
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    build_corpus(DataConfig(sources=[corpus], workers=workers), Path(out), progress=False)
+    seconds = time.perf_counter() - started
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the benchmark's own parent.
+    status = Path("/proc/self/status").read_text()
+    peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "main_rss_mb": peak, "worker_rss_mb": workers_peak}))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--one-build"]:
+        return one_build(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=100.0, help="corpus size in MB (default 100)")
     parser.add_argument("--workers", default="1,2", help="worker counts to run (default 1,2)")
@@ -127,22 +144,23 @@ def main() -> None:
     rows = []
     first_report = None
     for workers in [int(item) for item in args.workers.split(",")]:
+        # Each build in a fresh process, so its peak memory is its own.
         out = args.out / f"workers-{workers}"
-        shutil.rmtree(out, ignore_errors=True)
-        config = DataConfig(sources=[str(corpus)], workers=workers)
-        started = time.perf_counter()
-        report = build_corpus(config, out, progress=False)
-        seconds = time.perf_counter() - started
+        child = subprocess.run([sys.executable, __file__, "--one-build", str(corpus), str(out), str(workers)],
+                               capture_output=True, text=True, check=True)
+        result = json.loads(child.stdout.splitlines()[-1])
+        report = json.loads((out / "report.json").read_text())
         first_report = first_report or report
-        rows.append((workers, seconds, report))
+        rows.append((workers, result["seconds"], report, result))
 
     print(f"\n## Data pipeline throughput ({size / 1e6:.0f} MB of JSONL and Markdown, default steps)\n")
-    print("| workers | seconds | documents read/s | MB/s | MB/s per worker | speed-up vs the first row | kept | removed as duplicates |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for workers, seconds, report in rows:
+    print("| workers | seconds | documents read/s | MB/s | MB/s per worker | speed-up vs the first row | peak RSS MB (main / largest worker) | kept | removed as duplicates |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for workers, seconds, report, result in rows:
         removed = report["dedup"]["exact_removed"] + report["dedup"]["near_removed"]
         print(f"| {workers} | {seconds:.1f} | {report['documents_read'] / seconds:,.0f} | {size / 1e6 / seconds:.2f} | "
-              f"{size / 1e6 / seconds / workers:.2f} | {rows[0][1] / seconds:.2f}x | {report['kept']:,} | {removed:,} |")
+              f"{size / 1e6 / seconds / workers:.2f} | {rows[0][1] / seconds:.2f}x | {result['main_rss_mb']:.0f} / "
+              f"{result['worker_rss_mb']:.0f} | {report['kept']:,} | {removed:,} |")
     print("\n## Where one worker's CPU time goes\n")
     print("| part | CPU seconds | MB/s of input through it alone |")
     print("| --- | --- | --- |")

@@ -13,7 +13,6 @@ tasks made the shards, so the output is too.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from collections import Counter
@@ -187,10 +186,10 @@ def merge_shards(shard_dirs: list[Path], dones: list[dict], sources: list[Source
         writers = (train, val, test)
         index = 0
         for folder in shard_dirs:
-            with gzip.open(folder / "rejected.jsonl.gz", "rb") as lines:
+            with open(folder / "rejected.jsonl", "rb") as lines:
                 for line in lines:
                     rejected.write_line(line)
-            with gzip.open(folder / "docs.jsonl.gz", "rb") as lines:
+            with open(folder / "docs.jsonl", "rb") as lines:
                 for line in lines:
                     if in_clusters[index]:
                         record = json.loads(line)

@@ -8,8 +8,9 @@ reason with example ids, and changes made):
 Global steps (exact and near-duplicate removal, split, mixing) need every shard and run in the merge
 (lmforge/data/merge.py). A shard's folder holds::
 
-    docs.jsonl.gz       the surviving documents, one JSON object per line, in reading order
-    rejected.jsonl.gz   every document dropped here, with "reason" (and "detail"), and every skipped file
+    docs.jsonl          the surviving documents, one JSON object per line, in reading order (uncompressed: the merge
+                        reads them once, and compressing twice cost more CPU than any other part of the merge)
+    rejected.jsonl      every document dropped here, with "reason" (and "detail"), and every skipped file
     dedup.npz           per surviving document: exact-dedup key, split hashes, source index, chars, language
     signatures.npy      per surviving document: its MinHash signature (num_perm uint32; no columns without near-dedup)
     done.json           the shard's counts; written last, so a shard is finished exactly when it exists
@@ -40,7 +41,6 @@ from lmforge.data.readers import RawDocument, ReadOptions, SkippedFile, read_doc
 STEPS = ("read", "extract", "normalize", "cut", "length", "language", "quality", "toxicity", "decontamination", "pii")
 GLOBAL_STEPS = ("exact_dedup", "near_dedup", "split")
 EXAMPLES_PER_REASON = 3
-WORK_GZIP_LEVEL = 1  # work files are read once by the merge: speed matters more than size
 
 
 @dataclass
@@ -311,8 +311,6 @@ def split_hash(text: str) -> tuple[int, int]:
 def process_shard(index: int, units: list[Unit], config: DataConfig, text_fields: dict[int, str], folder: Path,
                   decontamination_index: Path | None, progress: bool = False) -> dict:
     """Process one shard into ``folder`` (replaced whole); returns its done.json content."""
-    import gzip
-
     from lmforge.data.dedup import exact_key
 
     temp = folder.with_name(folder.name + ".tmp")
@@ -328,10 +326,7 @@ def process_shard(index: int, units: list[Unit], config: DataConfig, text_fields
     files = {"read": 0, "skipped": [], "stdlib_modules_failed": []}
     timings: Counter = Counter()
 
-    def gzip_writer(name: str):
-        return gzip.GzipFile(filename="", mode="wb", fileobj=open(temp / name, "wb"), compresslevel=WORK_GZIP_LEVEL, mtime=0)
-
-    with gzip_writer("docs.jsonl.gz") as kept, gzip_writer("rejected.jsonl.gz") as rejected:
+    with open(temp / "docs.jsonl", "wb") as kept, open(temp / "rejected.jsonl", "wb") as rejected:
         for unit in units:
             def reject(piece: Piece, reason: str, detail: str, unit=unit) -> None:
                 record = {"id": piece.id, "text": piece.text, "source": piece.raw.source, "reason": reason, **provenance(piece.raw)}

@@ -42,7 +42,9 @@ from lmforge.errors import LmforgeError
 
 STAGE = "data"
 SPLITS = ("train", "val", "test")
-GZIP_LEVEL = 6
+# Level 1: 4x faster than 6 on this corpus (112 against 26 MB/s), files 17% larger. The merge writes every
+# shard on one core, so at 6 compression was its largest cost.
+GZIP_LEVEL = 1
 # Part of the work plan's key: bump it when the steps change what a shard holds, so stale work is discarded.
 PIPELINE_VERSION = 2
 # Settings that change how the work is divided, never what comes out: left out of the fingerprint.
