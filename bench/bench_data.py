@@ -114,11 +114,11 @@ def corpus_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.suffix in (".jsonl", ".md"))
 
 
-def one_build(corpus: str, out: str, workers: int) -> None:
+def one_build(corpus: str, out: str, workers: int, shard_mb: float) -> None:
     """Build the corpus once (a child of main) and print the time and peak memory as the last line."""
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    build_corpus(DataConfig(sources=[corpus], workers=workers), Path(out), progress=False)
+    build_corpus(DataConfig(sources=[corpus], workers=workers, shard_mb=shard_mb), Path(out), progress=False)
     seconds = time.perf_counter() - started
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the benchmark's own parent.
     status = Path("/proc/self/status").read_text()
@@ -129,11 +129,12 @@ def one_build(corpus: str, out: str, workers: int) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--one-build"]:
-        return one_build(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return one_build(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=100.0, help="corpus size in MB (default 100)")
     parser.add_argument("--workers", default="1,2", help="worker counts to run (default 1,2)")
     parser.add_argument("--corpus", type=Path, default=Path("/tmp/lmforge-bench-corpus"), help="where the corpus is made and kept")
+    parser.add_argument("--shard-mb", type=float, default=DataConfig().shard_mb, help="data.shard_mb (default: the recipe default)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/lmforge-bench-data"), help="scratch folder for the outputs")
     args = parser.parse_args()
 
@@ -146,7 +147,7 @@ def main() -> None:
     for workers in [int(item) for item in args.workers.split(",")]:
         # Each build in a fresh process, so its peak memory is its own.
         out = args.out / f"workers-{workers}"
-        child = subprocess.run([sys.executable, __file__, "--one-build", str(corpus), str(out), str(workers)],
+        child = subprocess.run([sys.executable, __file__, "--one-build", str(corpus), str(out), str(workers), str(args.shard_mb)],
                                capture_output=True, text=True, check=True)
         result = json.loads(child.stdout.splitlines()[-1])
         report = json.loads((out / "report.json").read_text())
@@ -154,11 +155,11 @@ def main() -> None:
         rows.append((workers, result["seconds"], report, result))
 
     print(f"\n## Data pipeline throughput ({size / 1e6:.0f} MB of JSONL and Markdown, default steps)\n")
-    print("| workers | seconds | documents read/s | MB/s | MB/s per worker | speed-up vs the first row | peak RSS MB (main / largest worker) | kept | removed as duplicates |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| workers | seconds | of which the merge | documents read/s | MB/s | MB/s per worker | speed-up vs the first row | peak RSS MB (main / largest worker) | kept | removed as duplicates |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for workers, seconds, report, result in rows:
         removed = report["dedup"]["exact_removed"] + report["dedup"]["near_removed"]
-        print(f"| {workers} | {seconds:.1f} | {report['documents_read'] / seconds:,.0f} | {size / 1e6 / seconds:.2f} | "
+        print(f"| {workers} | {seconds:.1f} | {report['merge_seconds']:.1f} | {report['documents_read'] / seconds:,.0f} | {size / 1e6 / seconds:.2f} | "
               f"{size / 1e6 / seconds / workers:.2f} | {rows[0][1] / seconds:.2f}x | {result['main_rss_mb']:.0f} / "
               f"{result['worker_rss_mb']:.0f} | {report['kept']:,} | {removed:,} |")
     print("\n## Where one worker's CPU time goes\n")

@@ -16,7 +16,7 @@ threshold; and, for the documents removed, precision and recall against the refe
 
 `scale`: short documents (200-500 bytes), 10% of them planted copies of a recent document (exact,
 re-cased and re-punctuated, or with 1-3 words replaced). Signatures are written to a .npy file and
-clustered from a memmap, as the data stage's merge step does. Reports the time of exact keys,
+clustered from a memmap, as the data stage's merge step does. Reports the time of exact keys (exact_keys),
 signatures and clustering apart, documents/s, peak RSS, and datasketch's MinHash (same shingles,
 same permutation count, permutations reused) on a sample as the peer.
 """
@@ -34,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.dedup import MinHasher, cluster_near_duplicates, cluster_report, exact_key
+from lmforge.data.dedup import MinHasher, cluster_near_duplicates, cluster_report, exact_keys
 
 SHINGLE_WORDS = 5
+BATCH = 256  # documents per exact_keys / MinHasher.batch call, as a data worker calls them
 WORD = re.compile(r"\w+")
 
 
@@ -208,16 +209,21 @@ def scale(args: argparse.Namespace) -> None:
         signatures = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint32, shape=(args.docs, config.num_perm))
         keys = np.empty(args.docs, dtype="S16")
         started = time.perf_counter()
+        batch = []
         for index, (text, kind, original, similarity) in enumerate(short_documents(args.docs, args.seed)):
             if kind:
                 planted.append((kind, index, original, similarity))
             total_bytes += len(text)
-            tick = time.perf_counter()
-            keys[index] = exact_key(text)
-            tock = time.perf_counter()
-            signatures[index] = hasher(text)
-            signature_seconds += time.perf_counter() - tock
-            key_seconds += tock - tick
+            batch.append(text)
+            if len(batch) == BATCH or index == args.docs - 1:
+                first = index + 1 - len(batch)
+                tick = time.perf_counter()
+                keys[first:index + 1] = exact_keys(batch)
+                tock = time.perf_counter()
+                signatures[first:index + 1] = hasher.batch(batch)
+                signature_seconds += time.perf_counter() - tock
+                key_seconds += tock - tick
+                batch = []
         generation = time.perf_counter() - started - key_seconds - signature_seconds
         signatures.flush()
         del signatures
@@ -267,13 +273,18 @@ def peer(args: argparse.Namespace, config) -> None:
         minhash.update_batch(grams)
         return minhash.hashvalues
 
+    implementations = {  # each computes the signatures of a list of texts
+        "lmforge MinHasher": lambda texts: [hasher(text) for text in texts],
+        f"lmforge MinHasher.batch ({BATCH} a call)": lambda texts: [hasher.batch(texts[start:start + BATCH])
+                                                                   for start in range(0, len(texts), BATCH)],
+        "datasketch MinHash (update_batch)": lambda texts: [theirs(text) for text in texts],
+    }
     rates = {}
-    for name, function in [("lmforge MinHasher", hasher), ("datasketch MinHash (update_batch)", theirs)]:
+    for name, function in implementations.items():
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()
-            for text in sample:
-                function(text)
+            function(sample)
             best = min(best, time.perf_counter() - started)
         rates[name] = len(sample) / best
     print(f"\nSignatures of {len(sample):,} short documents (text to signature, {config.num_perm} permutations, best of 3):\n")

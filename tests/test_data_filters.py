@@ -20,7 +20,7 @@ import pytest
 
 from lmforge.config import LanguageConfig, NormalizeConfig, QualityConfig, ToxicityConfig
 from lmforge.data.clean import clean_text
-from lmforge.data.language import DEPTH, MAX_CHARS, LanguageFilter, identify_language, model
+from lmforge.data.language import DEPTH, MAX_CHARS, LanguageFilter, identify_language, identify_languages, model
 from lmforge.data.normalize import Normalizer, ftfy_config
 from lmforge.data.quality import QualityFilter, analyse_words
 from lmforge.data.toxicity import WordListFilter
@@ -151,15 +151,39 @@ def test_scores_match_py3langid() -> None:
 
 def test_model_states_spell_at_most_depth_bytes() -> None:
     """The vectorised walk relies on every automaton state being reachable in DEPTH bytes (breadth-first search)."""
-    m = model()
-    depth = np.full(len(m.row_start), -1)
+    from py3langid.langid import MODEL_DIR, MODEL_FILE
+    from py3langid.modelio import load_model
+
+    *_, next_state, rows, _ = load_model(MODEL_DIR / MODEL_FILE)
+    next_state, row_start = np.asarray(next_state, dtype=np.int64), np.asarray(rows, dtype=np.int64) << 8
+    depth = np.full(len(row_start), -1)
     depth[0], frontier, steps = 0, np.array([0]), 0
     while len(frontier):
         steps += 1
-        reached = np.unique(m.next_state[(m.row_start[frontier][:, None] + np.arange(256)).ravel()])
+        reached = np.unique(next_state[(row_start[frontier][:, None] + np.arange(256)).ravel()])
         frontier = reached[depth[reached] < 0]
         depth[frontier] = steps
     assert (depth >= 0).all() and depth.max() <= DEPTH
+    # The model's tables are the automaton's, laid out by row offset.
+    m = model()
+    assert m.start == row_start[0] and (m.next_offset == row_start[next_state]).all()
+    assert (m.after_two_bytes.reshape(256, 256)[7] == m.next_offset[m.next_offset[m.start + 7] + np.arange(256)]).all()
+
+
+def test_batch_identification_equals_one_document_at_a_time() -> None:
+    rng = random.Random(3)
+    texts = [*PARAGRAPHS.values(), PROSE, "", "x", "ab", "OK", "12345 !!", "ÉCOLE NORMALE", "mixed Москва 東京 😀"]
+    texts += ["".join(rng.choice(string.printable + "äöüßéèàçñøåæœ…—“”€") for _ in range(rng.randint(0, 300)))
+              for _ in range(60)]
+    texts += [(PARAGRAPHS["de"] + " ") * 30]  # longer than MAX_CHARS
+    rng.shuffle(texts)
+    single = [identify_language(text) for text in texts]
+    batch = identify_languages(texts)
+    assert [language for language, _ in batch] == [language for language, _ in single]
+    assert np.allclose([score for _, score in batch], [score for _, score in single], rtol=0, atol=1e-6)
+    assert identify_languages(["12 34", "--"]) == [("und", 0.0)] * 2 and identify_languages([]) == []
+    english_only = LanguageFilter(LanguageConfig(keep=["en"], min_score=0.5))
+    assert english_only.batch(texts) == [(english_only(text)[0], *result) for text, result in zip(texts, batch)]
 
 
 def test_only_the_first_characters_are_judged_and_letterless_text_is_undetermined() -> None:

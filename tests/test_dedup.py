@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lmforge.config import DedupConfig
-from lmforge.data.dedup import MinHasher, cluster_near_duplicates, cluster_report, exact_key
+from lmforge.data.dedup import MinHasher, cluster_near_duplicates, cluster_report, exact_key, exact_keys
 from lmforge.errors import LmforgeError
 
 SHINGLE = 5
@@ -112,6 +112,47 @@ def test_long_text_signature_is_the_union_of_its_parts():
     assert np.array_equal(hasher(" ".join(text_words)), np.minimum(hasher(first), hasher(second)))
     giant_word = "x" * (MinHasher.PIECE_BYTES * 2 + 10)  # longer than a piece: still a signature, not an error
     assert hasher(f"a {giant_word} b").shape == (128,)
+
+
+def varied_texts() -> list[str]:
+    """Texts for the batch forms: empty, without words, shorter than a shingle, long (several hashing pieces and
+    shingle blocks, a word longer than a piece), non-ASCII of many kinds, and prose with typographic punctuation."""
+    words = topic_words()
+    rng = random.Random(7)
+    marks = ["’", "“", "”", "—", "…", "«", "»", "\u00a0", "½", "°", "🙂"]
+    prose = []
+    for _ in range(300):
+        start = rng.randrange(len(words) - 400)
+        chosen = words[start:start + rng.randint(0, 400)]
+        prose.append(" ".join(word + (rng.choice(marks) if rng.random() < 0.05 else "") for word in chosen))
+    return prose[:100] + [
+        "", " ", "\n\t", "... !!! — “»", "  Leading space", "— leading dash", "one", "Two words", "three, words, here", "a b c d", "a b c d e", "_ __ _",
+        "Grüße aus Köln, ça va", "ΟΔΥΣΣΕΥΣ ΚΑΙ ΣΙΣΥΦΟΣ", "Привет, мир! Как дела?", "日本語のテキストです。句読点も。",
+        "ﬁne İstanbul ǅemal Ⅻ ²³", "e\u0301te\u0301 cafe\u0301", "lone \ud800 surrogate \udfff", "🙂🙂 emoji🙂only 🙂",
+        " ".join(words[:30_000]),  # ~170 KB: several pieces of MinHasher.PIECE_BYTES
+        "a " + "x" * (MinHasher.PIECE_BYTES * 2 + 10) + " b c",
+    ] + prose[100:]
+
+
+def test_batches_equal_one_text_at_a_time():
+    texts = varied_texts()
+    keys = [exact_key(text) for text in texts]
+    assert exact_keys(texts) == keys and exact_keys([]) == []
+    rng = np.random.default_rng(0)
+    for num_perm, shingle_words, block in [(128, SHINGLE, None), (16, 1, None), (16, 2, 7), (8, 7, 61)]:
+        hasher = MinHasher(num_perm, shingle_words, seed=5)
+        if block:  # tiny shingle blocks: many texts start, end or go on at a block boundary
+            hasher.SHINGLE_BLOCK = block
+        one_by_one = np.stack([hasher(text) for text in texts])
+        batch = hasher.batch(texts)
+        assert batch.dtype == np.uint32 and batch.shape == (len(texts), num_perm)
+        assert np.array_equal(batch, one_by_one)
+        assert np.array_equal(hasher.batch([]), np.zeros((0, num_perm), np.uint32))
+        order = rng.permutation(len(texts))
+        for size in (1, 3, 64):  # other batch boundaries, in another order
+            parts = [[texts[i] for i in order[i:i + size]] for i in range(0, len(order), size)]
+            assert np.array_equal(np.concatenate([hasher.batch(part) for part in parts]), one_by_one[order])
+            assert [key for part in parts for key in exact_keys(part)] == [keys[i] for i in order]
 
 
 def reference_keeper(signatures: np.ndarray, bands: int, rows: int, min_equal: int) -> np.ndarray:

@@ -31,3 +31,9 @@ def test_default_build_finishes_in_ten_minutes_and_beats_unigram(tmp_path):
     # The last stage fine-tunes an assistant: held-out documentation questions are answered measurably better.
     sft = json.loads((tmp_path / "default" / "sft" / "report.json").read_text())
     assert sft["after"]["val_loss"] < sft["before"]["val_loss"] - 1.0 and sft["after"]["rougeL"] > sft["before"]["rougeL"] + 5
+    # The data stage ran every step of the recipe, and its report shows what each removed.
+    data = json.loads((tmp_path / "default" / "data" / "report.json").read_text())
+    steps = {step["step"]: step for step in data["steps"]}
+    assert steps["language"]["rejected"] and steps["quality"]["rejected"] and steps["pii"]["changed"]["documents_scrubbed"] > 0
+    assert all(step["documents_in"] == step["documents_out"] + sum(step["rejected"].values()) for step in data["steps"] if step["step"] != "cut")
+    assert 0.9 < data["kept"] / steps["cut"]["documents_out"] < 1.0 and data["train_chars"] > 1_800_000

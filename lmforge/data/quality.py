@@ -242,17 +242,21 @@ class QualityFilter:
     def repetition_reason(self, words: Words, characters: int) -> str | None:
         """Gopher's n-gram rules: the commonest 2-, 3- and 4-gram, then all repeated 5- to 10-grams, as fractions
         of the characters in words."""
-        word_chars_before = np.concatenate(([0], words.lengths.cumsum()))
         ngrams, top_bigram_count = words.hashes, 0
+        longest_word = int(words.lengths.max())
         for n, limit in zip((2, 3, 4), self.config.max_top_ngram_fraction):
             if words.count < n:
                 return None
             ngrams = next_ngram_hashes(ngrams, words.hashes, n)
-            ngram_chars = word_chars_before[n:] - word_chars_before[:-n]
             if n == 2:
                 top_bigram_count = int(run_lengths(np.sort(ngrams)).max())
             # Each occurrence of an n-gram starts with a bigram, so no n-gram is commoner than the commonest bigram:
-            # this bound settles most documents without finding the commonest n-gram itself.
+            # this bound (with n-grams no longer than n of the longest word) settles most documents without
+            # measuring any n-gram.
+            if top_bigram_count * n * longest_word <= limit * characters:
+                continue
+            word_chars_before = np.concatenate(([0], words.lengths.cumsum()))
+            ngram_chars = word_chars_before[n:] - word_chars_before[:-n]
             if top_bigram_count * ngram_chars.max() <= limit * characters:
                 continue
             if top_ngram_characters(ngrams, ngram_chars) > limit * characters:

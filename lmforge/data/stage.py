@@ -93,7 +93,9 @@ def build_corpus(config: DataConfig, out_dir: Path, progress: bool = True, task:
     def writer(folder: Path, prefix: str) -> ShardWriter:
         return ShardWriter(folder, prefix, config.shard_docs)
 
+    merge_started = time.perf_counter()
     report, skipped = merge_shards(shard_dirs, dones, sources, config, out_dir, work, writer, progress)
+    report["merge_seconds"] = round(time.perf_counter() - merge_started, 3)
     skipped = plan["skipped"] + skipped
     report["files_skipped"] = len(skipped)
     report["files_skipped_by_reason"] = count_reasons(skipped)
