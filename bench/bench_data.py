@@ -58,9 +58,10 @@ def real_sentences() -> list[str]:
     return list(dict.fromkeys(sentences))
 
 
-def make_corpus(folder: Path, megabytes: float, seed: int = 0) -> Path:
+def make_corpus(folder: Path, megabytes: float, short: bool = False, seed: int = 0) -> Path:
+    """Documents of 3-40 sentences, or with ``short`` of 1-3 sentences (about 100-500 bytes), until ``megabytes``."""
     marker = folder / "corpus.info"  # not a source format, so the pipeline skips it
-    if marker.exists() and json.loads(marker.read_text())["megabytes"] == megabytes:
+    if marker.exists() and json.loads(marker.read_text()) == {"megabytes": megabytes, "short": short, "seed": seed}:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "markdown").mkdir(parents=True)
@@ -89,7 +90,9 @@ def make_corpus(folder: Path, megabytes: float, seed: int = 0) -> Path:
                 words[rng.randrange(len(words))] = "altered"
             text = " ".join(words)
         else:
-            paragraphs = [" ".join(rng.choice(sentences) for _ in range(rng.randint(2, 8))) for _ in range(rng.randint(1, 5))]
+            shape = (1, 1, 3) if short else (1, 5, 8)  # paragraphs (up to), sentences per paragraph (from, to)
+            paragraphs = [" ".join(rng.choice(sentences) for _ in range(rng.randint(shape[1], shape[2])))
+                          for _ in range(rng.randint(1, shape[0]))]
             text = "\n\n".join(paragraphs)
             if roll > 0.99:
                 text += f"\n\nContact {rng.choice(['ann', 'bob', 'chen'])}.{rng.randint(1, 999)}@example.org or call +1 415 555 {rng.randint(1000, 9999)}."
@@ -102,11 +105,11 @@ def make_corpus(folder: Path, megabytes: float, seed: int = 0) -> Path:
         if len(pool) > 4000:  # copies come from the recent past, across file boundaries
             del pool[:2000]
         written += len(text.encode("utf-8"))
-        if len(documents) == 5000:
+        if len(documents) == (50_000 if short else 5000):
             flush()
     if documents:
         flush()
-    marker.write_text(json.dumps({"megabytes": megabytes, "seed": seed}))
+    marker.write_text(json.dumps({"megabytes": megabytes, "short": short, "seed": seed}))
     return folder
 
 
@@ -114,11 +117,14 @@ def corpus_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.suffix in (".jsonl", ".md"))
 
 
-def one_build(corpus: str, out: str, workers: int, shard_mb: float) -> None:
+def one_build(corpus: str, out: str, workers: int, shard_mb: float, short: bool) -> None:
     """Build the corpus once (a child of main) and print the time and peak memory as the last line."""
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    build_corpus(DataConfig(sources=[corpus], workers=workers, shard_mb=shard_mb), Path(out), progress=False)
+    config = DataConfig(sources=[corpus], workers=workers, shard_mb=shard_mb)
+    if short:  # let short documents through the length and word-count rules, so dedup sees all of them
+        config = config.model_copy(update={"min_chars": 0, "quality": config.quality.model_copy(update={"min_words": 3})})
+    build_corpus(config, Path(out), progress=False)
     seconds = time.perf_counter() - started
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the benchmark's own parent.
     status = Path("/proc/self/status").read_text()
@@ -129,17 +135,19 @@ def one_build(corpus: str, out: str, workers: int, shard_mb: float) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--one-build"]:
-        return one_build(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
+        return one_build(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6] == "short")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=100.0, help="corpus size in MB (default 100)")
     parser.add_argument("--workers", default="1,2", help="worker counts to run (default 1,2)")
     parser.add_argument("--corpus", type=Path, default=Path("/tmp/lmforge-bench-corpus"), help="where the corpus is made and kept")
     parser.add_argument("--shard-mb", type=float, default=DataConfig().shard_mb, help="data.shard_mb (default: the recipe default)")
+    parser.add_argument("--short", action="store_true", help="short documents (1-3 sentences; about 1M of them at --mb 300), "
+                        "with quality.min_words 3 and min_chars 0 so they reach dedup: the scale check of issue 6")
     parser.add_argument("--out", type=Path, default=Path("/tmp/lmforge-bench-data"), help="scratch folder for the outputs")
     args = parser.parse_args()
 
     started = time.perf_counter()
-    corpus = make_corpus(args.corpus, args.mb)
+    corpus = make_corpus(args.corpus, args.mb, args.short)
     size = corpus_bytes(corpus)
     print(f"corpus: {size / 1e6:.1f} MB in {corpus} (made or found in {time.perf_counter() - started:.1f} s)", file=sys.stderr)
     rows = []
@@ -147,7 +155,8 @@ def main() -> None:
     for workers in [int(item) for item in args.workers.split(",")]:
         # Each build in a fresh process, so its peak memory is its own.
         out = args.out / f"workers-{workers}"
-        child = subprocess.run([sys.executable, __file__, "--one-build", str(corpus), str(out), str(workers), str(args.shard_mb)],
+        child = subprocess.run([sys.executable, __file__, "--one-build", str(corpus), str(out), str(workers), str(args.shard_mb),
+                                "short" if args.short else "normal"],
                                capture_output=True, text=True, check=True)
         result = json.loads(child.stdout.splitlines()[-1])
         report = json.loads((out / "report.json").read_text())

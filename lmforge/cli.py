@@ -215,10 +215,10 @@ def _data_task(args, recipe, layout, progress: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["data", "inspect"]:
+    if argv[:2] == ["data", "inspect"]:  # a command of its own under `data`, whose other argument is a recipe
         from lmforge.data.inspect import inspect_main
 
-        return inspect_main(argv[2:], INSPECT_PROG)
+        return _reported(lambda: inspect_main(argv[2:], INSPECT_PROG))
     parser = build_parser()
     argv, overrides, problem = split_overrides(argv)
     if problem:
@@ -226,15 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if int(os.environ.get("RANK", "0")) > 0:
         sys.stdout = open(os.devnull, "w")  # under torchrun, rank 0 reports; errors still reach stderr
+    return _reported(lambda: _dispatch(args, overrides, parser))
+
+
+def _reported(command) -> int:
+    """Run a command; a user's mistake is one line on stderr and exit status 2, never a traceback."""
     try:
-        return _dispatch(args, overrides, parser)
+        return command()
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `lmforge generate ... | head`
+    except BrokenPipeError:  # e.g. `lmforge generate ... | head` or `lmforge data inspect RUN | head`
         return 0
 
 

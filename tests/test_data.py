@@ -20,7 +20,7 @@ from lmforge.artifacts import read_manifest
 from lmforge.config import DataConfig
 from lmforge.data.clean import clean_text, cut_into_pieces
 from lmforge.data.extract import extract_html
-from lmforge.data.stage import build_corpus, data_inputs, iter_documents
+from lmforge.data.stage import build_corpus, data_inputs, iter_documents, iter_rejected
 from lmforge.data.stdlib_docs import collect_module_docs
 from lmforge.errors import LmforgeError
 
@@ -43,14 +43,6 @@ def build(tmp_path: Path, sources: list, name: str = "out", **settings_) -> tupl
 
 def all_documents(out_dir: Path) -> dict[str, dict]:
     return {record["id"]: record for split in ("train", "val") for record in iter_documents(out_dir, split)}
-
-
-def rejected_records(out_dir: Path) -> list[dict]:
-    records = []
-    for shard in sorted((out_dir / "rejected").glob("rejected-*.jsonl.gz")):
-        with gzip.open(shard, "rt", encoding="utf-8") as lines:
-            records.extend(json.loads(line) for line in lines)
-    return records
 
 
 def assert_counts_add_up(report: dict) -> None:
@@ -131,7 +123,7 @@ def test_every_format_and_compression_is_read(tmp_path: Path, mixed_corpus: Path
     for hidden in ("Hidden title", "color: red", "script text", "<", ">"):
         assert hidden not in html
 
-    rejected = {record["id"]: record for record in rejected_records(out_dir)}
+    rejected = {record["id"]: record for record in iter_rejected(out_dir)}
     assert rejected["corpus/records.jsonl:2"]["reason"] == "invalid_json"
     assert rejected["corpus/records.jsonl:2"]["text"] == "{this is not json"
     assert rejected["corpus/records.jsonl:3"]["reason"] == "missing_text_field"
@@ -243,7 +235,7 @@ def test_cleaning_and_exact_dedup_through_the_stage(tmp_path: Path) -> None:
     documents = all_documents(out_dir)
     assert list(documents) == ["dups/a.txt#0"]
     assert documents["dups/a.txt#0"]["text"] == body.strip()
-    rejected = {record["id"]: record for record in rejected_records(out_dir)}
+    rejected = {record["id"]: record for record in iter_rejected(out_dir)}
     assert rejected["dups/b.txt#0"]["reason"] == "duplicate"
     assert rejected["dups/b.txt#0"]["duplicate_of"] == "dups/a.txt#0"
     assert rejected["dups/c.jsonl:1#0"]["duplicate_of"] == "dups/a.txt#0"

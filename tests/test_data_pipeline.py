@@ -4,7 +4,6 @@ on documents made from real text (the pydoc topics every Python install has)."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ from pydoc_data.topics import topics
 
 from lmforge.cli import main
 from lmforge.config import DataConfig
-from lmforge.data.stage import build_corpus, iter_documents
+from lmforge.data.stage import build_corpus, iter_documents, iter_rejected
 
 
 def prose_paragraphs(minimum_words: int = 60) -> list[str]:
@@ -43,14 +42,6 @@ def write_jsonl(path: Path, texts: list[str], **extra) -> Path:
 
 def shard_bytes(out_dir: Path) -> dict[str, bytes]:
     return {str(path.relative_to(out_dir)): path.read_bytes() for path in sorted(out_dir.rglob("*.jsonl.gz"))}
-
-
-def rejected_records(out_dir: Path) -> list[dict]:
-    records = []
-    for shard in sorted((out_dir / "rejected").glob("rejected-*.jsonl.gz")):
-        with gzip.open(shard, "rt", encoding="utf-8") as lines:
-            records.extend(json.loads(line) for line in lines)
-    return records
 
 
 def kept_records(out_dir: Path) -> list[dict]:
@@ -111,7 +102,7 @@ def test_near_duplicate_clusters_keep_exactly_one(tmp_path: Path, corpus: Path) 
     assert near_a in kept and edited(near_a, 1) not in kept and edited(near_a, 2) not in kept
     assert near_b in kept and edited(near_b, 1) not in kept
     assert edited(near_b, 12) in kept  # too different to be a near-duplicate
-    rejected = {record["text"]: record for record in rejected_records(tmp_path / "out")}
+    rejected = {record["text"]: record for record in iter_rejected(tmp_path / "out")}
     assert rejected[PARAGRAPHS[3].upper()]["reason"] == "duplicate"  # exact once case and punctuation are folded
     near = rejected[edited(near_a, 2)]
     assert near["reason"] == "near_duplicate" and near["duplicate_of"] == f"{corpus.name}/part-1.jsonl:{NEAR_A - 25 + 1}#0"
@@ -204,7 +195,7 @@ def test_decontamination_drops_documents_sharing_13_grams(tmp_path: Path) -> Non
     report = build_corpus(config, tmp_path / "out", progress=False)
     assert report["rejected"]["contaminated"] == 1
     assert report["kept"] == 20 - sum(report["rejected"].values())
-    (record,) = [record for record in rejected_records(tmp_path / "out") if record["reason"] == "contaminated"]
+    (record,) = [record for record in iter_rejected(tmp_path / "out") if record["reason"] == "contaminated"]
     assert record["id"] == "train.jsonl:6#0" and record["contamination"].split()[0] in PARAGRAPHS[5].lower()
     with pytest.raises(Exception, match="decontamination evaluation file not found"):
         build_corpus(config_for([train], decontamination={"enabled": True, "eval_files": [str(tmp_path / "nope.txt")]}),
@@ -226,7 +217,7 @@ def test_broken_inputs_are_reported_and_the_rest_is_kept(tmp_path: Path) -> None
     config = config_for([folder], max_line_bytes=4096, dedup={"near": False})
     report = build_corpus(config, tmp_path / "out", progress=False)
 
-    rejected = {record["id"]: record for record in rejected_records(tmp_path / "out")}
+    rejected = {record["id"]: record for record in iter_rejected(tmp_path / "out")}
     assert rejected["broken/mixed.jsonl:2"]["reason"] == "invalid_utf8"
     assert rejected["broken/mixed.jsonl:4"]["reason"] == "invalid_json"
     assert rejected["broken/mixed.jsonl:4"]["detail"].startswith(str(folder / "mixed.jsonl") + ":4")

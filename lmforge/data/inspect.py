@@ -80,18 +80,8 @@ def non_negative_int(text: str) -> int:
 
 
 def inspect_main(argv: list[str], prog: str) -> int:
-    """Run `lmforge data inspect`; returns the exit status (2 with a one-line error for a missing or broken folder)."""
-    args = build_parser(prog).parse_args(argv)
-    try:
-        return run_inspect(args)
-    except LmforgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. `lmforge data inspect RUN | head`
-        return 0
+    """Run `lmforge data inspect` (the CLI turns an LmforgeError into a one-line error and exit status 2)."""
+    return run_inspect(build_parser(prog).parse_args(argv))
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -222,6 +222,11 @@ def iter_documents(data_dir: Path, split: str) -> Iterator[dict]:
     return iter_shard_records(sorted(Path(data_dir).glob(f"{split}-*.jsonl.gz")))
 
 
+def iter_rejected(data_dir: Path) -> Iterator[dict]:
+    """Yield every record of a data folder's rejected log: dropped documents and skipped files, each with its reason."""
+    return iter_shard_records(sorted((Path(data_dir) / "rejected").glob("rejected-*.jsonl.gz")))
+
+
 def iter_shard_records(shards: list[Path]) -> Iterator[dict]:
     for shard in shards:
         try:
