@@ -203,12 +203,18 @@ def _data_task(args, recipe, layout, progress: bool) -> str:
         raise LmforgeError("--merge runs alone, after every --task job has finished")
     if args.merge:
         report = build_corpus(recipe.data, layout.data, progress=progress, merge_only=True, keep_work=args.keep_work)
+        if report.get("up_to_date"):
+            return f"data: up to date in {layout.data}"
         return f"data: merged; {report['kept']:,} documents kept ({report['train_documents']} train / {report['val_documents']} val) -> {layout.data}"
     if args.task is None or args.tasks is None:
         raise LmforgeError("--task I and --tasks N go together (0 <= I < N)")
+    if args.tasks < 1:
+        raise LmforgeError(f"--tasks must be at least 1 (got {args.tasks})")
     if not 0 <= args.task < args.tasks:
         raise LmforgeError(f"--task must be in 0..{args.tasks - 1} for --tasks {args.tasks} (got {args.task})")
     summary = build_corpus(recipe.data, layout.data, progress=progress, task=(args.task, args.tasks))
+    if summary.get("up_to_date"):
+        return f"data: up to date in {layout.data}; task {args.task} has nothing to do"
     return (f"data: task {args.task} of {args.tasks} finished its {summary['shards']} of {summary['shards_total']} work shards "
             f"({summary['processed_now']} processed now) in {summary['work']}; run `lmforge data --merge` when every task is done")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -386,19 +387,40 @@ class Recipe(Section):
 PACKAGED_RECIPES = ("default", "tiny", "gpt2-small")
 
 
+# The tags pydantic puts in an error's location for the branches of a `str | Model` list entry.
+UNION_TAGS = {"str", "SourceConfig"}
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The model a field holds, directly or as the entries of a list (``list[str | SourceConfig]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
+
+
 def _known_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
     for key in path:
-        annotation = model.model_fields[key].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if key.isdigit():  # a list index
+            continue
+        field = model.model_fields.get(key)
+        model = _model_in(field.annotation) if field is not None else None
+        if model is None:
             return []
-        model = annotation
     return list(model.model_fields)
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     messages = []
-    for error in exc.errors():
-        loc = tuple(str(part) for part in error["loc"])
+    errors = exc.errors()
+    for error in errors:
+        # An entry that may be a string or a mapping (data.sources) fails both ways; report the way it was written.
+        if error["type"] == "string_type" and isinstance(error.get("input"), dict):
+            continue
+        loc = tuple(str(part) for part in error["loc"] if part not in UNION_TAGS)
         where = ".".join(loc) or "(top level)"
         if error["type"] == "extra_forbidden":
             known = _known_keys(Recipe, loc[:-1])
@@ -458,16 +480,25 @@ def load_raw_recipe(spec: str | Path | None) -> tuple[dict, str]:
 
 
 def load_recipe(spec: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Load, override and validate a recipe. Relative data sources and task files resolve against the recipe's folder."""
+    """Load, override and validate a recipe. Relative paths (data sources, evaluation and word-list files, task files)
+    resolve against the recipe's folder."""
     raw, source = load_raw_recipe(spec)
     if spec is not None and Path(spec).exists():
         base = Path(spec).resolve().parent
-        sources = raw.get("data", {}).get("sources") if isinstance(raw.get("data"), dict) else None
-        if isinstance(sources, list):
-            raw["data"]["sources"] = [
-                s if not isinstance(s, str) or s == "stdlib" or s.startswith("stdlib:") or Path(s).is_absolute() else str(base / s)
-                for s in sources
-            ]
+
+        def resolved(path):
+            if not isinstance(path, str) or path == "stdlib" or path.startswith("stdlib:") or Path(path).is_absolute():
+                return path
+            return str(base / path)
+
+        data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+        if isinstance(data.get("sources"), list):
+            data["sources"] = [{**entry, "path": resolved(entry.get("path"))} if isinstance(entry, dict) else resolved(entry)
+                               for entry in data["sources"]]
+        for section, key in (("decontamination", "eval_files"), ("toxicity", "word_lists")):
+            files = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+            if isinstance(files, list):
+                data[section][key] = [resolved(path) for path in files]
         finetune = raw.get("finetune")
         dataset = finetune.get("dataset") if isinstance(finetune, dict) else None
         if isinstance(dataset, str) and dataset != "stdlib" and not Path(dataset).is_absolute():

@@ -55,10 +55,10 @@ def assert_counts_add_up(report: dict) -> None:
                 step["documents_in"] == step["documents_out"] + sum(step["rejected"].values()), step
     chain = ["read", "extract", "normalize"]
     assert all(steps[a]["documents_out"] == steps[b]["documents_in"] for a, b in zip(chain, chain[1:]))
-    chain = ["cut", "length", "language", "quality", "toxicity", "decontamination", "pii", "exact_dedup", "near_dedup", "split"]
+    chain = ["cut", "length", "language", "quality", "toxicity", "decontamination", "pii", "exact_dedup", "near_dedup", "split", "mix"]
     assert all(steps[a]["documents_out"] == steps[b]["documents_in"] for a, b in zip(chain, chain[1:]))
     assert steps["normalize"]["documents_out"] == steps["cut"]["documents_in"]
-    assert steps["split"]["documents_out"] == report["kept"]
+    assert steps["mix"]["documents_out"] == report["kept"]
 
 
 @pytest.fixture

@@ -4,8 +4,10 @@ on documents made from real text (the pydoc topics every Python install has)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +142,65 @@ def test_the_cli_runs_tasks_then_the_merge(tmp_path: Path, corpus: Path, capsys)
     assert "data: merged; " in capsys.readouterr().out
     assert main(["data", *common, "--task", "2", "--tasks", "2"]) == 2
     assert "--task must be in 0..1" in capsys.readouterr().err
+    # Once the folder is complete, a late task or a second merge changes nothing.
+    manifest = (tmp_path / "cluster" / "data" / "manifest.json").read_bytes()
+    assert main(["data", *common, "--merge"]) == 0 and "up to date" in capsys.readouterr().out
+    assert main(["data", *common, "--task", "1", "--tasks", "2"]) == 0 and "nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "cluster" / "data" / "manifest.json").read_bytes() == manifest
+
+
+def test_recipe_paths_in_mappings_resolve_against_the_recipe(tmp_path: Path, capsys) -> None:
+    write_jsonl(tmp_path / "docs" / "a.jsonl", PARAGRAPHS[:5])
+    (tmp_path / "words.txt").write_text("# mine\nstatement\n", encoding="utf-8")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: rel\ndata:\n  sources: [{path: docs, weight: 2}]\n  workers: 1\n"
+                      "  toxicity: {enabled: true, packaged_list: false, word_lists: [words.txt]}\n", encoding="utf-8")
+    assert main(["data", str(recipe), "--workdir", str(tmp_path / "runs"), "--quiet"]) == 0, capsys.readouterr().err
+    recipe.write_text("name: rel\ndata:\n  sources: [{path: docs, wieght: 2}]\n", encoding="utf-8")
+    assert main(["data", str(recipe), "--workdir", str(tmp_path / "runs")]) == 2
+    assert "unknown key `data.sources.0.wieght`; did you mean `data.sources.0.weight`?" in capsys.readouterr().err
+
+
+def test_edited_word_lists_and_dataset_folders_make_the_data_stale(tmp_path: Path) -> None:
+    from lmforge.data.stage import data_inputs
+
+    train = write_jsonl(tmp_path / "train.jsonl", PARAGRAPHS[:10])
+    words = tmp_path / "words.txt"
+    words.write_text("zebra\n", encoding="utf-8")
+    config = config_for([train], toxicity={"enabled": True, "packaged_list": False, "word_lists": [str(words)], "max_fraction": 0.0})
+    before = data_inputs(config)
+    first = build_corpus(config, tmp_path / "first", progress=False)
+    assert "toxic" not in first["rejected"]
+    words.write_text("object\n", encoding="utf-8")
+    assert data_inputs(config) != before
+    second = build_corpus(config, tmp_path / "second", progress=False)  # same process: nothing stale is reused
+    listed = sum(re.search(r"\bobject\b", text, re.I) is not None for text in PARAGRAPHS[:10])
+    assert second["rejected"]["toxic"] == listed > 0
+
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": PARAGRAPHS[:3]}).save_to_disk(str(folder))
+    config = config_for([folder])
+    before = data_inputs(config)
+    datasets.Dataset.from_dict({"text": PARAGRAPHS[:4]}).save_to_disk(str(tmp_path / "other"))
+    for item in (tmp_path / "other").iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    assert data_inputs(config) != before
+
+
+def test_a_truncated_archive_keeps_every_document_before_the_break(tmp_path: Path) -> None:
+    import zlib
+
+    lines = [json.dumps({"text": PARAGRAPHS[index % 100] + f" Copy {index}."}) for index in range(3000)]
+    packed = gzip.compress(("\n".join(lines) + "\n").encode("utf-8"))[: -len(lines) * 30]  # cut well inside the data
+    (tmp_path / "cut.jsonl.gz").write_bytes(packed)
+    recoverable = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(packed).count(b"\n")
+    settings = {"language": {"enabled": False}, "quality": {"enabled": False}, "dedup": {"near": False, "exact": False}}
+    report = build_corpus(config_for([tmp_path / "cut.jsonl.gz"], **settings), tmp_path / "out", progress=False)
+    assert report["steps"][0]["documents_in"] - report["rejected"]["corrupt_compressed"] >= recoverable > 1000
+    (record,) = [record for record in iter_rejected(tmp_path / "out") if record["reason"] == "corrupt_compressed"]
+    assert "truncated" in record["detail"]
 
 
 def test_a_killed_build_resumes_byte_identical(tmp_path: Path, corpus: Path) -> None:
@@ -178,8 +239,12 @@ def test_mixing_weights_and_stratified_splits(tmp_path: Path) -> None:
     # Mixing: weight 2 writes each training document twice; 0.5 keeps about half, chosen by hash. Never in val/test.
     heavy_train, light_train = 60 - 12 - 6, 90 - 18 - 9
     assert splits["train"].count(str(heavy)) == 2 * heavy_train == by_source[str(heavy)]["train_documents_written"]
-    assert 0.3 * light_train < splits["train"].count(str(light)) < 0.7 * light_train
-    assert report["train_documents"] == heavy_train + light_train  # distinct documents; the mix repeats some
+    light_written = splits["train"].count(str(light))
+    assert 0.3 * light_train < light_written < 0.7 * light_train
+    assert report["train_documents"] == heavy_train + light_written  # distinct documents; the mix repeats some
+    # The ones the mix leaves out are logged like every other drop.
+    assert report["rejected"]["mix_subsampled"] == light_train - light_written
+    assert sum(record["reason"] == "mix_subsampled" for record in iter_rejected(tmp_path / "out")) == light_train - light_written
     assert abs(sum(row["train_share"] for row in report["mix"]) - 1) < 1e-3
     # Unstratified, the split follows the hash alone: about the same fractions overall.
     report = build_corpus(config_for(sources, val_fraction=0.2, test_fraction=0.1, **every_document), tmp_path / "plain", progress=False)
@@ -213,6 +278,7 @@ def test_broken_inputs_are_reported_and_the_rest_is_kept(tmp_path: Path) -> None
     (folder / "disguised.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)
     (folder / "one-line.txt").write_text((" ".join(PARAGRAPHS[6:9]) + " ") * 2000, encoding="utf-8")  # ~3 MB, no newline
     (folder / "loop").symlink_to(folder)
+    os.symlink("itself.txt", folder / "itself.txt")  # a file link that leads back to itself
     write_jsonl(folder / "fine.jsonl", PARAGRAPHS[9:12])
     config = config_for([folder], max_line_bytes=4096, dedup={"near": False})
     report = build_corpus(config, tmp_path / "out", progress=False)
@@ -228,7 +294,7 @@ def test_broken_inputs_are_reported_and_the_rest_is_kept(tmp_path: Path) -> None
     # One bad byte or line never costs the rest of the file.
     assert {f"broken/mixed.jsonl:{line}#0" for line in (1, 3, 5, 8, 10)} <= kept_ids
     skipped = {Path(item["path"]).name: item["reason"] for item in report["skipped_files"]}
-    assert skipped["empty.txt"] == "empty_file" and skipped["disguised.txt"] == "binary"
+    assert skipped["empty.txt"] == "empty_file" and skipped["disguised.txt"] == "binary" and skipped["itself.txt"] == "symlink_loop"
     # The 3 MB line was read in blocks and cut into pieces (which the repetition rules then reject, rightly).
     pieces = [record for doc_id, record in rejected.items() if doc_id.startswith("broken/one-line.txt")]
     assert len(pieces) > 100 and all(len(record["text"]) <= 20_000 for record in pieces)

@@ -40,6 +40,9 @@ def extract_html(html: str, method: str = "selectolax") -> str:
         text = extractor(html)
     except SkippedFile:
         raise
+    except ImportError as exc:  # a broken installation, not a bad page: say so once instead of skipping every page
+        raise LmforgeError(f"HTML extraction with {method} needs a package that cannot be imported ({exc}); "
+                           f"reinstall lmforge, or set data.extraction.html to another method") from None
     except Exception as exc:  # a parser that gives up on a malformed page: the page is skipped, not the run
         raise SkippedFile("unparsable_html", f"{method}: {type(exc).__name__}: {exc}") from None
     return tidy_blank_lines(text)

@@ -154,8 +154,12 @@ def summarize_steps(dones: list[dict]) -> dict[str, StepStats]:
 
 
 def merge_shards(shard_dirs: list[Path], dones: list[dict], sources: list[Source], config: DataConfig, out_dir: Path,
-                 work_dir: Path, writer_factory, progress: bool) -> dict:
-    """Run the global steps and write the final shards into ``out_dir``; returns the report (without timings)."""
+                 work_dir: Path, writer_factory, plan_skipped: list[dict], progress: bool) -> tuple[dict, list[dict]]:
+    """Run the global steps and write the final shards into ``out_dir``; returns the report (without timings) and the
+    files the workers skipped.
+
+    The rejected log is written in an order that does not depend on how the inputs were cut into shards: files
+    skipped when planning, then every shard's rejections, then the duplicates and the documents the mix leaves out."""
     arrays = load_arrays(shard_dirs)
     total = len(arrays.chars)
     order = np.arange(total, dtype=np.int64)
@@ -173,6 +177,9 @@ def merge_shards(shard_dirs: list[Path], dones: list[dict], sources: list[Source
     split_of[kept] = split
     repeats_of = np.zeros(total, np.int64)
     repeats_of[kept] = repeats
+    mixed_out = np.zeros(total, bool)  # training documents a weight below 1 leaves out: logged, like every drop
+    mixed_out[kept[(split == 0) & (repeats == 0)]] = True
+    split_of[mixed_out] = -1
 
     in_clusters = np.zeros(total, bool)
     in_clusters[keeper[keeper != order]] = True
@@ -184,19 +191,26 @@ def merge_shards(shard_dirs: list[Path], dones: list[dict], sources: list[Source
     with writer_factory(out_dir / "rejected", "rejected") as rejected, writer_factory(out_dir, "train") as train, \
             writer_factory(out_dir, "val") as val, writer_factory(out_dir, "test") as test:
         writers = (train, val, test)
-        index = 0
+        for item in plan_skipped:
+            rejected.write({"id": item["path"], "text": "", "source": item["path"], "reason": item["reason"],
+                            "detail": item["detail"], "file_skipped": True})
         for folder in shard_dirs:
             with open(folder / "rejected.jsonl", "rb") as lines:
                 for line in lines:
                     rejected.write_line(line)
+        index = 0
+        for folder in shard_dirs:
             with open(folder / "docs.jsonl", "rb") as lines:
                 for line in lines:
-                    if in_clusters[index]:
+                    if in_clusters[index] or mixed_out[index]:
                         record = json.loads(line)
                         ids_in_clusters[index] = record["id"]
                         if keeper[index] != index:
                             reason = "duplicate" if removed_exact[index] else "near_duplicate"
                             record.update(reason=reason, duplicate_of=ids_in_clusters[int(keeper[index])])
+                            rejected.write_line((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+                        elif mixed_out[index]:
+                            record.update(reason="mix_subsampled", detail=f"source weight {sources[int(arrays.sources[index])].weight}")
                             rejected.write_line((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
                     if split_of[index] >= 0:
                         chars = int(arrays.chars[index])
@@ -213,19 +227,24 @@ def merge_shards(shard_dirs: list[Path], dones: list[dict], sources: list[Source
 
     from lmforge.data.dedup import cluster_report
 
+    written = kept[~mixed_out[kept]]
+
     steps = summarize_steps(dones)
     global_steps = {name: StepStats() for name in GLOBAL_STEPS}
-    exact_step, near_step, split_step = (global_steps[name] for name in GLOBAL_STEPS)
+    exact_step, near_step, split_step, mix_step = (global_steps[name] for name in GLOBAL_STEPS)
     exact_step.documents_in = total
     if removed_exact.any():
         exact_step.rejected["duplicate"] = int(removed_exact.sum())
     exact_step.documents_out = near_step.documents_in = total - int(removed_exact.sum())
     if removed_near.any():
         near_step.rejected["near_duplicate"] = int(removed_near.sum())
-    near_step.documents_out = split_step.documents_in = split_step.documents_out = len(kept)
+    near_step.documents_out = split_step.documents_in = split_step.documents_out = mix_step.documents_in = len(kept)
+    if mixed_out.any():
+        mix_step.rejected["mix_subsampled"] = int(mixed_out.sum())
+    mix_step.documents_out = len(kept) - int(mixed_out.sum())
     for step in global_steps.values():
         step.bytes_in = step.bytes_out = None  # not tracked: the merge never decodes most documents
-    for step, mask in ((exact_step, removed_exact), (near_step, removed_near)):
+    for step, mask in ((exact_step, removed_exact), (near_step, removed_near), (mix_step, mixed_out)):
         for reason in step.rejected:
             step.examples[reason] = [ids_in_clusters[int(i)] for i in np.flatnonzero(mask)[:3]]
     split_step.changed.update({name: stats["documents"] for name, stats in split_stats.items()})
@@ -245,12 +264,12 @@ def merge_shards(shard_dirs: list[Path], dones: list[dict], sources: list[Source
         "documents_after_cutting": sum(steps["read"].rejected.values()) + steps["cut"].documents_out,
         "rejected": dict(sorted(rejected_counts.items())),
         "rejected_total": sum(rejected_counts.values()),
-        "kept": len(kept),
+        "kept": mix_step.documents_out,
         "steps": [{"step": name, **stats.to_json()} for name, stats in all_steps.items()],
         "dedup": {"exact_removed": int(removed_exact.sum()), "near_removed": int(removed_near.sum()),
                   "clusters": cluster_report(keeper, ids_in_clusters.__getitem__)},
-        "languages": dict(Counter(arrays.languages[kept].tolist()).most_common()),
-        "length_histogram": length_histogram(arrays.chars[kept]),
+        "languages": dict(Counter(arrays.languages[written].tolist()).most_common()),
+        "length_histogram": length_histogram(arrays.chars[written]),
         "mix": mix_report(sources, arrays, kept, split, written_docs_by_source, written_chars_by_source),
         "stdlib_modules_failed": [item for done in dones for item in done["files"]["stdlib_modules_failed"]],
         "worker_seconds": worker_seconds(dones, steps),

@@ -128,16 +128,23 @@ def inputs_fingerprints(sources: list[Source]) -> dict[str, str]:
         if source.stdlib_parts:
             inputs[key] = fingerprint("stdlib", source.stdlib_parts, sys.version, STDLIB_CORPUS_VERSION)
         else:
-            inputs[key] = fingerprint([file_identity(Path(path)) for path, _, _ in source.files])
+            inputs[key] = fingerprint([identity for path, _, _ in source.files for identity in path_identities(Path(path))])
     return inputs
+
+
+def path_identities(path: Path) -> list[tuple[str, int, int]]:
+    """(real path, size, mtime_ns) of a file, or of every file in a folder (a `datasets` folder, an evaluation folder)."""
+    if path.is_dir():
+        return [file_identity(item) for item in sorted(path.rglob("*")) if not item.is_dir()]
+    return [file_identity(path)]
 
 
 def file_identity(path: Path) -> tuple[str, int, int]:
     try:
         status = path.stat()
-    except OSError:  # a broken symlink still counts as a file found
+    except OSError:  # a broken symlink or a symlink loop still counts as a file found
         status = path.lstat()
-    return str(path.resolve()), status.st_size, status.st_mtime_ns
+    return os.path.realpath(path), status.st_size, status.st_mtime_ns  # realpath: resolve() raises on a loop
 
 
 def units_to_json(shards: list[list[Unit]]) -> list[list[dict]]:

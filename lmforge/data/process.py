@@ -40,7 +40,7 @@ from lmforge.data.readers import RawDocument, ReadOptions, SkippedFile, read_doc
 
 BATCH_PIECES = 256  # pieces judged together: language identification and MinHash run faster on batches
 STEPS = ("read", "extract", "normalize", "cut", "length", "language", "quality", "toxicity", "decontamination", "pii")
-GLOBAL_STEPS = ("exact_dedup", "near_dedup", "split")
+GLOBAL_STEPS = ("exact_dedup", "near_dedup", "split", "mix")
 EXAMPLES_PER_REASON = 3
 
 
@@ -285,7 +285,12 @@ _STEPS_CACHE: dict[str, DocumentSteps] = {}
 
 def steps_for(config: DataConfig, decontamination_index: Path | None) -> DocumentSteps:
     """The steps of this recipe, built once per process (loading models and lists is not free), with fresh counts."""
-    key = json.dumps([config.model_dump(mode="json"), str(decontamination_index)], sort_keys=True)
+    from lmforge.data.plan import path_identities
+
+    loaded = [decontamination_index] if decontamination_index else []
+    loaded += [Path(path) for path in config.toxicity.word_lists] if config.toxicity.enabled else []
+    # Keyed by the files' identities too: a list edited between two builds in one process is read again.
+    key = json.dumps([config.model_dump(mode="json"), [path_identities(path) for path in loaded]], sort_keys=True)
     if key not in _STEPS_CACHE:
         _STEPS_CACHE.clear()
         _STEPS_CACHE[key] = DocumentSteps(config, decontamination_index)

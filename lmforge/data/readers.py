@@ -296,9 +296,7 @@ class ByteSource:
 def decompressed_chunks(handle, compression: str | None) -> Iterator[bytes]:
     """Chunks of at most CHUNK_BYTES, so a highly compressed file never unpacks into memory at once."""
     if compression == ".gz":
-        with gzip.GzipFile(fileobj=handle) as unpacked:
-            while chunk := unpacked.read(CHUNK_BYTES):
-                yield chunk
+        yield from gzip_chunks(handle)
     elif compression == ".zst":
         reader = zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True, closefd=False)
         while chunk := reader.read(CHUNK_BYTES):
@@ -310,6 +308,32 @@ def decompressed_chunks(handle, compression: str | None) -> Iterator[bytes]:
     else:
         while chunk := handle.read(CHUNK_BYTES):
             yield chunk
+
+
+def gzip_chunks(handle) -> Iterator[bytes]:
+    """Decompress every member of a gzip file. Unlike GzipFile.read, which drops the part of a chunk it had
+    unpacked when the file breaks off, a truncated file yields everything before the break, then EOFError."""
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    pending, inside_member = b"", False
+    while True:
+        if not pending:
+            pending = handle.read(CHUNK_BYTES)
+            if not pending:
+                break
+        if not inside_member and not pending.strip(b"\0"):  # zero padding after the last member, as gzip allows
+            pending = b""
+            continue
+        inside_member = True
+        chunk = decompressor.decompress(pending, CHUNK_BYTES)
+        if chunk:
+            yield chunk
+        if decompressor.eof:  # a member ended; another may follow
+            pending, inside_member = decompressor.unused_data, False
+            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        else:
+            pending = decompressor.unconsumed_tail
+    if inside_member:
+        raise EOFError("the compressed file ends before its end-of-stream marker (truncated)")
 
 
 def zstd_frames_problem(handle) -> str | None:

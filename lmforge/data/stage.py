@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -33,10 +34,10 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from lmforge.artifacts import atomic_write_json, fingerprint, read_json, read_manifest, write_manifest
+from lmforge.artifacts import atomic_write_json, fingerprint, is_up_to_date, read_json, read_manifest, write_manifest
 from lmforge.config import DataConfig
 from lmforge.data.merge import MAX_LISTED_SKIPPED_FILES, merge_shards
-from lmforge.data.plan import file_identity, inputs_fingerprints, plan_shards, resolve_sources, units_from_json, units_to_json
+from lmforge.data.plan import inputs_fingerprints, path_identities, plan_shards, resolve_sources, units_from_json, units_to_json
 from lmforge.data.process import process_shard
 from lmforge.errors import LmforgeError
 
@@ -70,6 +71,10 @@ def build_corpus(config: DataConfig, out_dir: Path, progress: bool = True, task:
     inputs = all_inputs(config, sources)  # taken before reading, so a file edited meanwhile triggers a rebuild
     out_dir = Path(out_dir)
     work = out_dir / "work"
+    if (task is not None or merge_only) and is_up_to_date(out_dir, STAGE, stage_config(config), inputs):
+        # Finished already (a task started late, or a second merge): nothing to do, and nothing to undo.
+        report = read_manifest(out_dir, STAGE)["stats"]
+        return {**report, "up_to_date": True} if merge_only else {"task": task[0], "tasks": task[1], "up_to_date": True}
     plan = load_or_make_plan(config, sources, inputs, out_dir, work)
     shards = units_from_json(plan["shards"])
     shard_dirs = [work / "shards" / f"{index:05d}" for index in range(len(shards))]
@@ -94,7 +99,7 @@ def build_corpus(config: DataConfig, out_dir: Path, progress: bool = True, task:
         return ShardWriter(folder, prefix, config.shard_docs)
 
     merge_started = time.perf_counter()
-    report, skipped = merge_shards(shard_dirs, dones, sources, config, out_dir, work, writer, progress)
+    report, skipped = merge_shards(shard_dirs, dones, sources, config, out_dir, work, writer, plan["skipped"], progress)
     report["merge_seconds"] = round(time.perf_counter() - merge_started, 3)
     skipped = plan["skipped"] + skipped
     report["files_skipped"] = len(skipped)
@@ -121,12 +126,14 @@ def load_or_make_plan(config: DataConfig, sources, inputs: dict, out_dir: Path, 
     if path.exists():
         try:
             plan = json.loads(path.read_text(encoding="utf-8"))
-            if plan.get("key") == key:
-                return plan
         except (OSError, ValueError):
-            pass
-    if out_dir.exists():
+            plan = {}
+        if plan.get("key") == key:
+            return plan
+        # Work of another recipe or other inputs. (Only then: cluster tasks that start together all find no
+        # plan, and one of them must not delete the shards another has just finished.)
         shutil.rmtree(work, ignore_errors=True)
+    if out_dir.exists():
         (out_dir / "manifest.json").unlink(missing_ok=True)
     shards, skipped = plan_shards(sources, int(config.shard_mb * (1 << 20)))
     plan = {"key": key, "shards": units_to_json(shards), "skipped": skipped}
@@ -143,7 +150,12 @@ def decontamination_index(config: DataConfig, work: Path) -> Path | None:
         from lmforge.data.decontaminate import build_index
 
         section = config.decontamination
-        build_index(section.eval_files, section.eval_field, section.ngram).save(path)
+        # Written under a private name and renamed: a killed build or a cluster task racing another never
+        # leaves a half-written index behind for the workers to load.
+        temp = work / f".decontamination.{uuid.uuid4().hex}.tmp"  # unique across the nodes of a cluster too
+        work.mkdir(parents=True, exist_ok=True)
+        build_index(section.eval_files, section.eval_field, section.ngram).save(temp)
+        os.replace(temp, path)
     return path
 
 
@@ -203,11 +215,19 @@ def data_inputs(config: DataConfig) -> dict[str, str]:
 def all_inputs(config: DataConfig, sources) -> dict[str, str]:
     inputs = inputs_fingerprints(sources)
     if config.decontamination.enabled:
-        missing = [path for path in config.decontamination.eval_files if not os.path.exists(path)]
-        if missing:
-            raise LmforgeError(f"decontamination evaluation file not found: {missing[0]}")
-        inputs["decontamination"] = fingerprint([file_identity(Path(path)) for path in config.decontamination.eval_files])
+        if not config.decontamination.eval_files:
+            raise LmforgeError("data.decontamination is enabled but names no eval_files to decontaminate against")
+        inputs["decontamination"] = fingerprint(existing_files(config.decontamination.eval_files, "decontamination evaluation file"))
+    if config.toxicity.enabled and config.toxicity.word_lists:
+        inputs["toxicity"] = fingerprint(existing_files(config.toxicity.word_lists, "toxicity word list"))
     return inputs
+
+
+def existing_files(paths: list[str], what: str) -> list[tuple[str, int, int]]:
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        raise LmforgeError(f"{what} not found: {missing[0]}")
+    return [identity for path in paths for identity in path_identities(Path(path))]
 
 
 def iter_documents(data_dir: Path, split: str) -> Iterator[dict]:
