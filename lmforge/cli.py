@@ -17,9 +17,10 @@ Run `lmforge recipe --reference` to list every field."""
 
 DATA_EPILOG = """Run on a cluster: every task processes its share of the work shards into RUN/data/work/ (a shared file
 system), then one merge job deduplicates across all of them and writes the folder. With Slurm:
-  sbatch --array=0-15 --wrap 'lmforge data my.yaml --task $SLURM_ARRAY_TASK_ID --tasks 16'
-  sbatch --dependency=afterok:<array job id> --wrap 'lmforge data my.yaml --merge'
-A killed run resumes at its first unfinished shard. `lmforge data inspect RUN` shows what each step removed.
+  sbatch --array=0-15 --wrap 'lmforge data my.yaml --workdir /shared/runs --task $SLURM_ARRAY_TASK_ID --tasks 16'
+  sbatch --dependency=afterok:<array job id> --wrap 'lmforge data my.yaml --workdir /shared/runs --merge'
+A killed run resumes at its first unfinished shard. `lmforge data inspect RUN` shows what each step removed
+(`lmforge data inspect --help`).
 """ + EPILOG
 
 INSPECT_PROG = "lmforge data inspect"
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="rebuild every stage and train from scratch")
 
     stage_help = {
-        "data": "read, clean, deduplicate and split documents",
+        "data": "read, clean, filter (language, quality, word list, evaluation overlap), scrub PII, deduplicate, split and mix documents",
         "tokenizer": "train the byte-level BPE tokenizer on the train split",
         "tokens": "encode the splits into train.bin / val.bin",
         "pretrain": "train the model (resumes from the latest checkpoint)",
