@@ -21,9 +21,9 @@ from pathlib import Path
 import yaml
 
 from lmforge.artifacts import read_json, read_manifest
+from lmforge.data.merge import SPLITS
 from lmforge.errors import LmforgeError
 
-SPLITS = ("train", "val", "test")
 KEPT = "kept"
 TOP_LANGUAGES = 10
 TOP_REASONS_IN_TERMINAL = 3

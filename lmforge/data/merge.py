@@ -25,7 +25,7 @@ from lmforge.config import DataConfig
 from lmforge.data.plan import Source
 from lmforge.data.process import GLOBAL_STEPS, STEPS, StepStats
 
-SPLIT_NAMES = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # the order is the split code: 0 train, 1 val, 2 test
 MAX_LISTED_SKIPPED_FILES = 1000
 
 
@@ -185,7 +185,7 @@ def merge_shards(shard_dirs: list[Path], dones: list[dict], sources: list[Source
     in_clusters[keeper[keeper != order]] = True
     in_clusters |= keeper != order
     ids_in_clusters: dict[int, str] = {}
-    split_stats = {name: {"documents": 0, "chars": 0} for name in SPLIT_NAMES}
+    split_stats = {name: {"documents": 0, "chars": 0} for name in SPLITS}
     written_chars_by_source: Counter = Counter()
     written_docs_by_source: Counter = Counter()
     with writer_factory(out_dir / "rejected", "rejected") as rejected, writer_factory(out_dir, "train") as train, \
@@ -214,7 +214,7 @@ def merge_shards(shard_dirs: list[Path], dones: list[dict], sources: list[Source
                             rejected.write_line((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
                     if split_of[index] >= 0:
                         chars = int(arrays.chars[index])
-                        name = SPLIT_NAMES[split_of[index]]
+                        name = SPLITS[split_of[index]]
                         split_stats[name]["documents"] += 1
                         split_stats[name]["chars"] += chars
                         source = int(arrays.sources[index])
@@ -259,7 +259,6 @@ def merge_shards(shard_dirs: list[Path], dones: list[dict], sources: list[Source
         "sources": [source.spec for source in sources],
         "shards": len(shard_dirs),
         "files_read": files_read,
-        "files_skipped_by_reason": dict(sorted(Counter(item["reason"] for item in skipped).items())),
         "documents_read": steps["read"].documents_in,
         "documents_after_cutting": sum(steps["read"].rejected.values()) + steps["cut"].documents_out,
         "rejected": dict(sorted(rejected_counts.items())),
@@ -274,7 +273,7 @@ def merge_shards(shard_dirs: list[Path], dones: list[dict], sources: list[Source
         "stdlib_modules_failed": [item for done in dones for item in done["files"]["stdlib_modules_failed"]],
         "worker_seconds": worker_seconds(dones, steps),
     }
-    for name in SPLIT_NAMES:
+    for name in SPLITS:
         report[f"{name}_documents"] = split_stats[name]["documents"]
         report[f"{name}_chars"] = split_stats[name]["chars"]
     return report, skipped
