@@ -90,7 +90,7 @@ def make_corpus(folder: Path, megabytes: float, short: bool = False, seed: int =
                 words[rng.randrange(len(words))] = "altered"
             text = " ".join(words)
         else:
-            shape = (1, 1, 3) if short else (1, 5, 8)  # paragraphs (up to), sentences per paragraph (from, to)
+            shape = (1, 1, 3) if short else (5, 2, 8)  # paragraphs (up to), sentences per paragraph (from, to)
             paragraphs = [" ".join(rng.choice(sentences) for _ in range(rng.randint(shape[1], shape[2])))
                           for _ in range(rng.randint(1, shape[0]))]
             text = "\n\n".join(paragraphs)
